@@ -1,0 +1,180 @@
+//! The HTTP side: the chat page, `/healthz`, and WebSocket upgrades.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tracing::debug;
+
+use crate::Gateway;
+use crate::session::{self, RateLimit};
+
+/// The chat page, served from the binary: no other asset, no CDN.
+const INDEX_HTML: &str = include_str!("../assets/index.html");
+/// Our WebSocket path, and the seed page's, which works unchanged.
+pub const WS_PATHS: [&str; 2] = ["/ws", "/csp/user/Chat.Server.cls"];
+/// Bytes read from a socket at a time. Small, because an idle socket keeps
+/// this buffer for its whole life; frames larger than it are read in steps.
+const READ_BUFFER: usize = 1024;
+/// Bytes buffered before a write is pushed to the socket.
+const WRITE_BUFFER: usize = 16 * 1024;
+
+pub type Body = Full<Bytes>;
+
+pub async fn handle(
+    gateway: Arc<Gateway>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path();
+    let response = match (req.method(), path) {
+        (&Method::GET, "/" | "/index.html") => {
+            let mut r = text(StatusCode::OK, INDEX_HTML);
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            r
+        }
+        (&Method::GET, "/healthz") => {
+            if gateway.upstream.ready() {
+                text(StatusCode::OK, "ok\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "no worker linked\n")
+            }
+        }
+        (_, p) if WS_PATHS.contains(&p) => upgrade(gateway, req),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    Ok(response)
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// `?since=N`: the client already has messages up to id N.
+fn since(query: Option<&str>) -> u64 {
+    query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("since="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn upgrade(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Body> {
+    let headers = req.headers();
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
+    let is_upgrade = req.method() == Method::GET
+        && header_has_token(headers, header::CONNECTION, "upgrade")
+        && header_has_token(headers, header::UPGRADE, "websocket")
+        && headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .map(|v| v.as_bytes())
+            == Some(b"13");
+    let (true, Some(key)) = (is_upgrade, key) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade (version 13)\n",
+        );
+    };
+    // Admission before any work: a full gateway says so plainly.
+    let Ok(permit) = gateway.permits.clone().try_acquire_owned() else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "gateway is full, try again later\n",
+        );
+    };
+    if !gateway.upstream.ready() {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no worker available, try again later\n",
+        );
+    }
+    let since = since(req.uri().query());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let accept = derive_accept_key(key.as_bytes());
+
+    let tracker = gateway.tracker.clone();
+    tracker.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .write_buffer_size(WRITE_BUFFER)
+            .max_message_size(Some(gateway.config.max_frame_bytes))
+            .max_frame_size(Some(gateway.config.max_frame_bytes));
+        let mut socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        let ws_id = gateway.next_ws_id();
+        match gateway.upstream.attach(ws_id, since).await {
+            Ok(attachment) => {
+                debug!(ws_id, "socket opened");
+                let limit =
+                    RateLimit::new(gateway.config.frames_per_sec, gateway.config.frame_burst);
+                session::run(socket, attachment, limit, gateway.drain.clone()).await;
+                debug!(ws_id, "socket closed");
+            }
+            Err(reason) => {
+                let frame = CloseFrame {
+                    code: reason.code(),
+                    reason: reason.text().into(),
+                };
+                let _ = socket.close(Some(frame)).await;
+            }
+        }
+        drop(permit);
+    });
+
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::since;
+
+    #[test]
+    fn since_is_read_from_the_query() {
+        assert_eq!(since(None), 0);
+        assert_eq!(since(Some("since=42")), 42);
+        assert_eq!(since(Some("a=1&since=7")), 7);
+        assert_eq!(since(Some("since=x")), 0);
+    }
+}

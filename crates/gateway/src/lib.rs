@@ -1,0 +1,138 @@
+//! The gateway: holds every browser WebSocket and forwards it to a worker.
+//!
+//! How it works: [`http`] serves the chat page and upgrades WebSockets at
+//! `/ws` and at the seed page's `/csp/user/Chat.Server.cls`. Each socket gets
+//! a WebSocket ID unique across gateways (this gateway's random 32-bit tag,
+//! then a counter) and is attached to a worker by [`upstream`]: over the one
+//! shared stream to that worker (`--mode shared`, the seed's
+//! `SharedConnection=1`) or over a stream of its own (`--mode private`). A
+//! [`session`] task per socket moves frames both ways. The gateway has no
+//! chat logic: it forwards open / frame / close and writes whatever a worker
+//! addresses to a WebSocket ID.
+//!
+//! Modules:
+//! - [`http`]: routes, upgrade handshake, admission control.
+//! - [`session`]: one socket's state machine, rate limit, close codes.
+//! - [`upstream`]: the links to workers and the WebSocket ID → socket table.
+//! - [`config`], [`error`]: settings, and the one place errors become close codes.
+
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod session;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+pub use config::{Config, Mode};
+pub use error::Error;
+use upstream::Upstream;
+
+/// What every connection of one gateway shares.
+pub struct Gateway {
+    config: Config,
+    tag: u32,
+    next_ws: AtomicU32,
+    upstream: Arc<Upstream>,
+    /// One permit per open socket (`max_connections`).
+    permits: Arc<Semaphore>,
+    /// Cancelled on shutdown: every socket closes with 1001.
+    drain: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Gateway {
+    fn next_ws_id(&self) -> u64 {
+        sharedconn_proto::ws_id(self.tag, self.next_ws.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Serves on `listener` until `shutdown` completes; then closes every socket
+/// with 1001 "going away" and waits for them up to the drain grace period.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    config.validate()?;
+    let tag = config
+        .gateway_tag
+        .unwrap_or_else(|| rand::random::<u32>().max(1));
+    let stop_links = CancellationToken::new();
+    let upstream = Upstream::start(&config, tag, stop_links.clone())?;
+    let gateway = Arc::new(Gateway {
+        tag,
+        next_ws: AtomicU32::new(1),
+        upstream,
+        permits: Arc::new(Semaphore::new(config.max_connections)),
+        drain: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        config,
+    });
+    let addr = listener.local_addr()?;
+    info!(%addr, gateway_tag = format!("{tag:08x}"), mode = %gateway.config.mode, workers = ?gateway.config.workers, "gateway listening");
+
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let gateway = gateway.clone();
+        let drain = gateway.drain.clone();
+        gateway.tracker.clone().spawn(async move {
+            let service = service_fn(move |req| http::handle(gateway.clone(), req));
+            let conn = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = drain.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                debug!(%peer, error = %e, "http connection ended");
+            }
+        });
+    }
+
+    info!(
+        sockets = gateway.config.max_connections - gateway.permits.available_permits(),
+        "gateway draining"
+    );
+    drop(listener);
+    gateway.drain.cancel();
+    gateway.tracker.close();
+    if tokio::time::timeout(gateway.config.drain_grace, gateway.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("drain grace period over, dropping remaining sockets");
+    }
+    stop_links.cancel();
+    info!("gateway stopped");
+    Ok(())
+}

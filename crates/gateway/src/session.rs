@@ -1,0 +1,162 @@
+//! One browser WebSocket, from upgrade to close.
+//!
+//! A single task per socket selects over: the client's frames, the socket's
+//! outbound queue, its kill switch and the gateway's drain signal. One task
+//! instead of a reader and a writer keeps an idle socket small; the price is
+//! that while a write to a slow client is blocked we do not read from it,
+//! which only slows that client down.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::error::CloseReason;
+use crate::upstream::{Attachment, Kill, Outbound};
+
+/// Frames written before one flush: batches a burst into few syscalls.
+const WRITE_BATCH: usize = 64;
+/// How long a close handshake may take before the socket is just dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Token bucket for a socket's inbound frames.
+pub struct RateLimit {
+    per_sec: f64,
+    burst: f64,
+    tokens: f64,
+    updated: Instant,
+}
+
+impl RateLimit {
+    pub fn new(per_sec: u32, burst: u32) -> Self {
+        RateLimit {
+            per_sec: per_sec.into(),
+            burst: burst.into(),
+            tokens: burst.into(),
+            updated: Instant::now(),
+        }
+    }
+
+    /// When the next frame may be read, or `None` if now.
+    fn wait_until(&mut self) -> Option<Instant> {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.updated).as_secs_f64() * self.per_sec)
+            .min(self.burst);
+        self.updated = now;
+        if self.tokens >= 1.0 {
+            None
+        } else {
+            Some(now + Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec))
+        }
+    }
+
+    fn take(&mut self) {
+        self.tokens -= 1.0;
+    }
+}
+
+/// Runs the socket until either side ends it, then tells the worker.
+pub async fn run(
+    mut socket: Socket,
+    attachment: Attachment,
+    mut limit: RateLimit,
+    drain: CancellationToken,
+) {
+    let Attachment {
+        link,
+        mut outbound,
+        mut kill,
+    } = attachment;
+    let ws_id = link.ws_id;
+    let close: Option<Kill> = loop {
+        let throttle = limit.wait_until();
+        tokio::select! {
+            _ = drain.cancelled() => break Some(CloseReason::GoingAway.into()),
+            k = &mut kill => break Some(k.unwrap_or_else(|_| CloseReason::WorkerLost.into())),
+            out = outbound.recv() => {
+                let Some(Outbound::Text(text)) = out else {
+                    break Some(CloseReason::WorkerLost.into());
+                };
+                // A write to a slow client may block; it must not keep the
+                // socket from being killed or drained.
+                tokio::select! {
+                    written = write_batch(&mut socket, text, &mut outbound) => {
+                        if written.is_err() {
+                            break None;
+                        }
+                    }
+                    k = &mut kill => break Some(k.unwrap_or_else(|_| CloseReason::WorkerLost.into())),
+                    _ = drain.cancelled() => break Some(CloseReason::GoingAway.into()),
+                }
+            }
+            _ = tokio::time::sleep_until(throttle.unwrap_or_else(Instant::now)), if throttle.is_some() => {}
+            msg = socket.next(), if throttle.is_none() => match msg {
+                Some(Ok(Message::Text(text))) => {
+                    limit.take();
+                    if !link.frame(text.into()).await {
+                        break Some(CloseReason::WorkerLost.into());
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => break Some(CloseReason::Binary.into()),
+                // Pings are answered by tungstenite on the next write or read.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Close(_))) | None => break None,
+                Some(Err(e)) => match reason_for(&e) {
+                    Some(reason) => break Some(reason.into()),
+                    None => {
+                        debug!(ws_id, error = %e, "socket ended");
+                        break None;
+                    }
+                },
+            },
+        }
+    };
+    if let Some(kill) = close {
+        debug!(ws_id, code = kill.code, reason = %kill.reason, "closing socket");
+        let frame = CloseFrame {
+            code: CloseCode::from(kill.code),
+            reason: kill.reason.into(),
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.close(Some(frame))).await;
+    }
+    link.close().await;
+}
+
+/// Writes `first` and whatever else is already queued, then flushes once.
+async fn write_batch(
+    socket: &mut Socket,
+    first: Utf8Bytes,
+    outbound: &mut tokio::sync::mpsc::Receiver<Outbound>,
+) -> Result<(), WsError> {
+    socket.feed(Message::Text(first)).await?;
+    for _ in 1..WRITE_BATCH {
+        match outbound.try_recv() {
+            Ok(Outbound::Text(text)) => socket.feed(Message::Text(text)).await?,
+            Err(_) => break,
+        }
+    }
+    socket.flush().await
+}
+
+/// The close we owe the client for a read error, or `None` when the
+/// connection is simply gone (a client going away is not an error).
+fn reason_for(e: &WsError) -> Option<CloseReason> {
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => Some(CloseReason::TooBig),
+        WsError::Capacity(_) => Some(CloseReason::TooBig),
+        WsError::Utf8(_) => Some(CloseReason::BadText),
+        WsError::Protocol(_) => Some(CloseReason::Protocol),
+        _ => None,
+    }
+}

@@ -1,0 +1,460 @@
+//! The links to workers, and the table of sockets they deliver to.
+//!
+//! Shared mode keeps one `Link` stream per worker, opened by a task that
+//! reconnects with backoff. Every socket routed to that worker is in the
+//! link's [`Registry`]; a `Deliver` is fanned out by looking each WebSocket ID
+//! up there. When the stream breaks, every socket on it is closed with 1012
+//! (their clients reconnect and replay what they missed from the log), and
+//! the registry is retired so no socket can join a dead link.
+//!
+//! Private mode opens a stream per socket on the same HTTP/2 connection; a
+//! small pump task moves that stream's deliveries into the socket's queue, so
+//! both modes share one overflow policy.
+//!
+//! Either way the socket's session gets an [`Attachment`]: a sender for its
+//! events towards the worker, its outbound queue, and a kill switch.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sharedconn_proto::gateway_event::Event;
+use sharedconn_proto::worker_client::WorkerClient;
+use sharedconn_proto::worker_command::Command;
+use sharedconn_proto::{Close, Frame, GatewayEvent, Hello, Open, WorkerCommand};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, Mode};
+use crate::error::{CloseReason, Error};
+
+/// Events queued towards a worker on a shared stream. Sessions wait when it
+/// is full (HTTP/2 flow control is pushing back), so it only needs to cover
+/// a burst; a waiting session stops reading its socket, pushing back on
+/// that client alone.
+const SHARED_EVENT_QUEUE: usize = 4096;
+/// Events queued on a private stream: one socket's frames.
+const PRIVATE_EVENT_QUEUE: usize = 16;
+/// HTTP/2 flow-control windows: big enough that a burst of broadcasts is
+/// not held back by round trips on the shared stream.
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONNECTION_WINDOW: u32 = 32 << 20;
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// What a session writes to its socket.
+#[derive(Debug)]
+pub enum Outbound {
+    Text(Utf8Bytes),
+}
+
+/// A request to close a socket, from outside its session.
+#[derive(Debug, Clone)]
+pub struct Kill {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl From<CloseReason> for Kill {
+    fn from(r: CloseReason) -> Self {
+        Kill {
+            code: r.code().into(),
+            reason: r.text().to_owned(),
+        }
+    }
+}
+
+struct Slot {
+    tx: mpsc::Sender<Outbound>,
+    kill: oneshot::Sender<Kill>,
+}
+
+/// WebSocket ID → the socket's queue, for one shared link.
+#[derive(Default)]
+struct Registry {
+    inner: RwLock<RegistryInner>,
+}
+
+#[derive(Default)]
+struct RegistryInner {
+    slots: HashMap<u64, Slot>,
+    /// Set when the link broke: nothing may join any more.
+    retired: bool,
+}
+
+impl Registry {
+    fn insert(&self, ws: u64, slot: Slot) -> bool {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if inner.retired {
+            return false;
+        }
+        inner.slots.insert(ws, slot);
+        true
+    }
+
+    fn remove(&self, ws: u64) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        inner.slots.remove(&ws);
+    }
+
+    fn kill(&self, ws: u64, kill: Kill) {
+        let slot = {
+            let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+            inner.slots.remove(&ws)
+        };
+        if let Some(slot) = slot {
+            let _ = slot.kill.send(kill);
+        }
+    }
+
+    /// Queues `text` for every listed socket. Never waits: a socket whose
+    /// queue is full is closed as too slow (dropping a frame instead would
+    /// break the one order every client must see).
+    fn deliver(&self, ids: &[u64], text: &Utf8Bytes) {
+        let mut overflowed = Vec::new();
+        {
+            let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+            for ws in ids {
+                let Some(slot) = inner.slots.get(ws) else {
+                    continue;
+                };
+                if let Err(mpsc::error::TrySendError::Full(_)) =
+                    slot.tx.try_send(Outbound::Text(text.clone()))
+                {
+                    overflowed.push(*ws);
+                }
+            }
+        }
+        for ws in overflowed {
+            debug!(ws_id = ws, "socket queue full");
+            self.kill(ws, CloseReason::TooSlow.into());
+        }
+    }
+
+    fn retire(&self, reason: CloseReason) -> usize {
+        let slots = {
+            let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+            inner.retired = true;
+            std::mem::take(&mut inner.slots)
+        };
+        let n = slots.len();
+        for (_, slot) in slots {
+            let _ = slot.kill.send(reason.into());
+        }
+        n
+    }
+}
+
+/// What a session gets when its socket is attached to a worker.
+pub struct Attachment {
+    pub link: SocketLink,
+    /// Frames addressed to this socket.
+    pub outbound: mpsc::Receiver<Outbound>,
+    /// Fires when the socket must be closed from outside (overflow, worker
+    /// lost, worker's `Disconnect`).
+    pub kill: oneshot::Receiver<Kill>,
+}
+
+/// A socket's way to the worker.
+pub struct SocketLink {
+    pub ws_id: u64,
+    events: mpsc::Sender<GatewayEvent>,
+    /// Shared mode: the registry to leave on close.
+    registry: Option<Arc<Registry>>,
+}
+
+impl SocketLink {
+    /// Forwards a text frame; false when the link is gone.
+    pub async fn frame(&self, text: Bytes) -> bool {
+        let event = Event::Frame(Frame {
+            ws_id: self.ws_id,
+            text,
+        });
+        self.events
+            .send(GatewayEvent { event: Some(event) })
+            .await
+            .is_ok()
+    }
+
+    /// Tells the worker the socket is gone and leaves the registry.
+    pub async fn close(self) {
+        if let Some(registry) = &self.registry {
+            registry.remove(self.ws_id);
+        }
+        let event = Event::Close(Close { ws_id: self.ws_id });
+        let _ = self.events.send(GatewayEvent { event: Some(event) }).await;
+    }
+}
+
+/// The current stream of one shared link, while it is up.
+struct LiveLink {
+    events: mpsc::Sender<GatewayEvent>,
+    registry: Arc<Registry>,
+}
+
+/// One worker, as the gateway sees it.
+struct WorkerLink {
+    url: String,
+    channel: Channel,
+    /// Shared mode: the live stream, if any.
+    live: RwLock<Option<LiveLink>>,
+}
+
+/// All workers, and how sockets reach them.
+pub struct Upstream {
+    mode: Mode,
+    gateway_tag: u32,
+    socket_queue: usize,
+    workers: Vec<Arc<WorkerLink>>,
+}
+
+impl Upstream {
+    /// Creates the links. In shared mode a task per worker keeps a stream up
+    /// until `stop` is cancelled.
+    pub fn start(
+        config: &Config,
+        gateway_tag: u32,
+        stop: CancellationToken,
+    ) -> Result<Arc<Self>, Error> {
+        let mut workers = Vec::new();
+        for url in &config.workers {
+            let endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|e| Error::WorkerAddress(url.clone(), e.to_string()))?
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(2))
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW);
+            workers.push(Arc::new(WorkerLink {
+                url: url.clone(),
+                channel: endpoint.connect_lazy(),
+                live: RwLock::new(None),
+            }));
+        }
+        let upstream = Arc::new(Upstream {
+            mode: config.mode,
+            gateway_tag,
+            socket_queue: config.socket_queue,
+            workers,
+        });
+        if config.mode == Mode::Shared {
+            for worker in &upstream.workers {
+                tokio::spawn(keep_linked(worker.clone(), gateway_tag, stop.clone()));
+            }
+        }
+        Ok(upstream)
+    }
+
+    /// Whether a socket opened now would find a worker (for `/healthz` and
+    /// for refusing upgrades early).
+    pub fn ready(&self) -> bool {
+        match self.mode {
+            Mode::Shared => self
+                .workers
+                .iter()
+                .all(|w| w.live.read().map(|l| l.is_some()).unwrap_or(false)),
+            Mode::Private => true,
+        }
+    }
+
+    /// Attaches a new socket to its worker and sends `Open`.
+    pub async fn attach(&self, ws_id: u64, since: u64) -> Result<Attachment, CloseReason> {
+        let worker = &self.workers[(ws_id as usize) % self.workers.len()];
+        let (tx, outbound) = mpsc::channel(self.socket_queue);
+        let (kill_tx, kill) = oneshot::channel();
+        let slot = Slot { tx, kill: kill_tx };
+        let open = GatewayEvent {
+            event: Some(Event::Open(Open { ws_id, since })),
+        };
+        match self.mode {
+            Mode::Shared => {
+                let (events, registry) = {
+                    let live = worker.live.read().unwrap_or_else(|e| e.into_inner());
+                    let live = live.as_ref().ok_or(CloseReason::NoWorker)?;
+                    (live.events.clone(), live.registry.clone())
+                };
+                if !registry.insert(ws_id, slot) {
+                    return Err(CloseReason::NoWorker);
+                }
+                if events.send(open).await.is_err() {
+                    registry.remove(ws_id);
+                    return Err(CloseReason::NoWorker);
+                }
+                Ok(Attachment {
+                    link: SocketLink {
+                        ws_id,
+                        events,
+                        registry: Some(registry),
+                    },
+                    outbound,
+                    kill,
+                })
+            }
+            Mode::Private => {
+                let (events, rx) = mpsc::channel(PRIVATE_EVENT_QUEUE);
+                let hello = hello(self.gateway_tag, Mode::Private);
+                // Both fit: the queue is empty and holds more than two.
+                let _ = events.try_send(hello);
+                let _ = events.try_send(open);
+                let mut client = WorkerClient::new(worker.channel.clone());
+                let response = client
+                    .link(ReceiverStream::new(rx))
+                    .await
+                    .map_err(|status| {
+                        debug!(ws_id, %status, "private link refused");
+                        CloseReason::NoWorker
+                    })?;
+                tokio::spawn(pump_private(response.into_inner(), slot));
+                Ok(Attachment {
+                    link: SocketLink {
+                        ws_id,
+                        events,
+                        registry: None,
+                    },
+                    outbound,
+                    kill,
+                })
+            }
+        }
+    }
+}
+
+fn hello(gateway_tag: u32, mode: Mode) -> GatewayEvent {
+    let mode = match mode {
+        Mode::Shared => sharedconn_proto::Mode::Shared,
+        Mode::Private => sharedconn_proto::Mode::Private,
+    };
+    GatewayEvent {
+        event: Some(Event::Hello(Hello {
+            gateway_tag,
+            mode: mode.into(),
+        })),
+    }
+}
+
+/// Moves one private stream's deliveries into its socket's queue.
+async fn pump_private(mut commands: tonic::Streaming<WorkerCommand>, slot: Slot) {
+    let reason = loop {
+        match commands.message().await {
+            Ok(Some(WorkerCommand {
+                command: Some(Command::Deliver(d)),
+            })) => {
+                let Ok(text) = Utf8Bytes::try_from(d.text) else {
+                    warn!("worker sent a frame that is not UTF-8");
+                    continue;
+                };
+                match slot.tx.try_send(Outbound::Text(text)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        break Kill::from(CloseReason::TooSlow);
+                    }
+                    // The session ended.
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                }
+            }
+            Ok(Some(WorkerCommand {
+                command: Some(Command::Disconnect(d)),
+            })) => {
+                break Kill {
+                    code: d.code as u16,
+                    reason: d.reason,
+                };
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break Kill::from(CloseReason::WorkerLost),
+        }
+    };
+    let _ = slot.kill.send(reason);
+}
+
+/// Keeps one shared stream to `worker` up until `stop`.
+async fn keep_linked(worker: Arc<WorkerLink>, gateway_tag: u32, stop: CancellationToken) {
+    let mut backoff = RECONNECT_MIN;
+    loop {
+        let linked = tokio::select! {
+            _ = stop.cancelled() => break,
+            linked = run_link(&worker, gateway_tag) => linked,
+        };
+        // Nothing may join the dead registry; its sockets are told to go.
+        let retired = worker
+            .live
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .map(|live| live.registry.retire(CloseReason::WorkerLost))
+            .unwrap_or(0);
+        if linked {
+            warn!(worker = %worker.url, sockets = retired, "worker link lost");
+            backoff = RECONNECT_MIN;
+        } else {
+            debug!(worker = %worker.url, ?backoff, "worker not reachable");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(RECONNECT_MAX);
+    }
+    if let Some(live) = worker
+        .live
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        live.registry.retire(CloseReason::GoingAway);
+    }
+}
+
+/// Opens the stream and serves it until it ends. Returns whether it was up.
+async fn run_link(worker: &WorkerLink, gateway_tag: u32) -> bool {
+    let (events, rx) = mpsc::channel(SHARED_EVENT_QUEUE);
+    let _ = events.try_send(hello(gateway_tag, Mode::Shared));
+    let mut client = WorkerClient::new(worker.channel.clone());
+    let mut commands = match client.link(ReceiverStream::new(rx)).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            debug!(worker = %worker.url, %status, "link refused");
+            return false;
+        }
+    };
+    let registry = Arc::new(Registry::default());
+    *worker.live.write().unwrap_or_else(|e| e.into_inner()) = Some(LiveLink {
+        events,
+        registry: registry.clone(),
+    });
+    info!(worker = %worker.url, "worker linked");
+    loop {
+        match commands.message().await {
+            Ok(Some(WorkerCommand {
+                command: Some(Command::Deliver(d)),
+            })) => {
+                // Checked once per payload, shared by every socket after.
+                match Utf8Bytes::try_from(d.text) {
+                    Ok(text) => registry.deliver(&d.ws_ids, &text),
+                    Err(_) => warn!("worker sent a frame that is not UTF-8"),
+                }
+            }
+            Ok(Some(WorkerCommand {
+                command: Some(Command::Disconnect(d)),
+            })) => registry.kill(
+                d.ws_id,
+                Kill {
+                    code: d.code as u16,
+                    reason: d.reason,
+                },
+            ),
+            Ok(Some(_)) => {}
+            Ok(None) => return true,
+            Err(status) => {
+                debug!(worker = %worker.url, %status, "link ended");
+                return true;
+            }
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! The seed's `Chat.Server`, as a [`WebSocketApp`] over a [`Backplane`].
+//!
+//! - open: Status frame with the WebSocket ID, then recent history, then the
+//!   online list;
+//! - `{"User":..}`: set the alias; the online list goes to everyone;
+//! - `{"Message":..}`: post under the alias the server holds (a client cannot
+//!   write as someone else); the message reaches every socket once the log
+//!   has given it an id, so every client sees the log's order;
+//! - close: drop the user; the online list goes to everyone.
+//!
+//! Online-list broadcasts are coalesced: the seed re-sends the whole list to
+//! everyone on every join, which is quadratic in a join storm. We keep the
+//! protocol but send at most one list per interval, longer when the list is
+//! big, so a storm costs a few lists instead of one per join.
+
+pub mod rules;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::app::{Outbox, WebSocketApp, WsId};
+use crate::backplane::{self, Backplane, NewMessage};
+use crate::error::Error;
+use rules::{ClientFrame, DEFAULT_ALIAS};
+
+/// Most messages replayed to a client that reconnects with `since`.
+pub const MAX_REPLAY: usize = 1000;
+/// Throughput allowed for online-list broadcasts (list bytes × sockets per
+/// second). Sets how far apart big lists are spaced in a join storm.
+const USERLIST_BYTES_PER_SEC: f64 = 256.0 * 1024.0 * 1024.0;
+
+pub struct Chat<B> {
+    backplane: B,
+    history: usize,
+    /// Aliases of this worker's sockets; the backplane has everyone's.
+    aliases: HashMap<WsId, Arc<str>>,
+    /// The highest message id broadcast. History for a new socket stops
+    /// here, and live messages start after it: no gap, no duplicate.
+    last_delivered: u64,
+    userlist: UserlistState,
+}
+
+struct UserlistState {
+    /// The list changed since it was last sent.
+    dirty: bool,
+    /// The last list sent, for sockets that open while nothing changed.
+    frame: Option<Bytes>,
+    min_interval: Duration,
+    next_allowed: Instant,
+}
+
+/// What the chat waits for besides socket events.
+#[derive(Debug)]
+pub enum ChatEvent {
+    Backplane(backplane::Event),
+    SendUserlist,
+}
+
+impl<B: Backplane> Chat<B> {
+    pub fn new(backplane: B, history: usize, userlist_interval: Duration) -> Self {
+        let last_delivered = backplane.last_id();
+        Chat {
+            backplane,
+            history,
+            aliases: HashMap::new(),
+            last_delivered,
+            userlist: UserlistState {
+                dirty: false,
+                frame: None,
+                min_interval: userlist_interval,
+                next_allowed: Instant::now(),
+            },
+        }
+    }
+
+    fn users_changed(&mut self) {
+        self.userlist.dirty = true;
+        self.userlist.frame = None;
+    }
+
+    async fn send_userlist(&mut self, out: &mut Outbox<'_>) {
+        let users = match self.backplane.users().await {
+            Ok(users) => users,
+            Err(e) => {
+                warn!(error = %e, "cannot read the online list");
+                self.userlist.next_allowed = Instant::now() + self.userlist.min_interval;
+                return;
+            }
+        };
+        let frame = Bytes::from(rules::userlist_frame(&users));
+        let cost = frame.len() as f64 * out.open_sockets() as f64 / USERLIST_BYTES_PER_SEC;
+        let gap = self
+            .userlist
+            .min_interval
+            .max(Duration::from_secs_f64(cost));
+        out.broadcast(frame.clone());
+        self.userlist = UserlistState {
+            dirty: false,
+            frame: Some(frame),
+            next_allowed: Instant::now() + gap,
+            ..self.userlist
+        };
+    }
+}
+
+impl<B: Backplane> WebSocketApp for Chat<B> {
+    type Event = ChatEvent;
+
+    async fn on_open(&mut self, ws: WsId, since: u64, out: &mut Outbox<'_>) {
+        out.write(ws, rules::status_frame(&sharedconn_proto::ws_id_string(ws)));
+        if let Err(e) = self.backplane.connect(ws).await {
+            warn!(ws_id = ws, error = %e, "cannot record connection");
+        }
+        let (after, limit) = if since > 0 {
+            (since, MAX_REPLAY)
+        } else {
+            (0, self.history)
+        };
+        match self
+            .backplane
+            .history(after, self.last_delivered, limit)
+            .await
+        {
+            Ok(messages) => {
+                for m in messages {
+                    out.write(ws, rules::chat_frame(&m));
+                }
+            }
+            Err(e) => warn!(ws_id = ws, error = %e, "cannot read history"),
+        }
+        // While a list is pending, it will reach this socket too.
+        if !self.userlist.dirty {
+            if self.userlist.frame.is_none() {
+                let users = self.backplane.users().await.unwrap_or_default();
+                self.userlist.frame = Some(rules::userlist_frame(&users).into());
+            }
+            if let Some(frame) = &self.userlist.frame {
+                out.write(ws, frame.clone());
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, ws: WsId, text: &str, out: &mut Outbox<'_>) {
+        match rules::parse(text) {
+            Ok(ClientFrame::User(alias)) => {
+                if let Err(e) = self.backplane.set_alias(ws, &alias).await {
+                    warn!(ws_id = ws, error = %e, "cannot set alias");
+                }
+                self.aliases.insert(ws, alias.into());
+                self.users_changed();
+            }
+            Ok(ClientFrame::Message(message)) => {
+                let author = self
+                    .aliases
+                    .get(&ws)
+                    .cloned()
+                    .unwrap_or_else(|| DEFAULT_ALIAS.into());
+                let post = NewMessage {
+                    from: ws,
+                    author,
+                    message,
+                };
+                match self.backplane.post(post).await {
+                    Ok(()) => {}
+                    Err(Error::LogBusy) => out.write(
+                        ws,
+                        rules::error_frame(
+                            "busy",
+                            "server is busy, message not stored; send it again",
+                        ),
+                    ),
+                    Err(e) => {
+                        warn!(ws_id = ws, error = %e, "cannot post");
+                        out.write(
+                            ws,
+                            rules::error_frame("not_stored", "message could not be stored"),
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                debug!(ws_id = ws, error = %e, "bad frame");
+                out.write(ws, rules::error_frame(e.code(), &e.to_string()));
+            }
+        }
+    }
+
+    async fn on_close(&mut self, ws: WsId, _out: &mut Outbox<'_>) {
+        if let Err(e) = self.backplane.disconnect(ws).await {
+            warn!(ws_id = ws, error = %e, "cannot forget connection");
+        }
+        if self.aliases.remove(&ws).is_some() {
+            self.users_changed();
+        }
+    }
+
+    async fn next_event(&mut self) -> ChatEvent {
+        let due = self.userlist.dirty.then_some(self.userlist.next_allowed);
+        tokio::select! {
+            event = self.backplane.next_event() => ChatEvent::Backplane(event),
+            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                ChatEvent::SendUserlist
+            }
+        }
+    }
+
+    async fn on_event(&mut self, event: ChatEvent, out: &mut Outbox<'_>) {
+        match event {
+            ChatEvent::Backplane(backplane::Event::Committed(batch)) => {
+                for m in batch {
+                    if m.id <= self.last_delivered {
+                        continue;
+                    }
+                    out.broadcast(rules::chat_frame(&m));
+                    self.last_delivered = m.id;
+                }
+            }
+            ChatEvent::Backplane(backplane::Event::Rejected(messages, reason)) => {
+                for m in messages {
+                    out.write(m.from, rules::error_frame("not_stored", &reason));
+                }
+            }
+            ChatEvent::Backplane(backplane::Event::UsersChanged) => self.users_changed(),
+            ChatEvent::SendUserlist => self.send_userlist(out).await,
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! The gRPC edge: turns `Link` streams into runtime [`Input`]s.
+//!
+//! Protobuf types stop here. Each stream gets a [`StreamId`]; its first event
+//! must be `Hello`, after which every event is forwarded in order. When the
+//! stream ends, for whatever reason, the runtime hears `StreamDown` and closes
+//! every socket that was still open on it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sharedconn_proto::gateway_event::Event;
+use sharedconn_proto::worker_server::{Worker, WorkerServer};
+use sharedconn_proto::{GatewayEvent, Mode, WorkerCommand};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info};
+
+use crate::router::StreamId;
+use crate::runtime::Input;
+
+/// Commands queued towards one stream. A shared stream carries every socket
+/// of a gateway, so this absorbs a burst of broadcasts while HTTP/2 flushes;
+/// when it is full the stream is cut (see `Router::push`).
+pub const STREAM_QUEUE: usize = 8192;
+/// A private stream carries one socket, so it needs far less.
+pub const PRIVATE_STREAM_QUEUE: usize = 256;
+/// Private mode opens one stream per browser socket on one HTTP/2 connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1 << 20;
+/// Largest gRPC message we accept: a frame is at most 64 KiB by default at
+/// the gateway, plus framing.
+const MAX_MESSAGE: usize = 1 << 20;
+
+pub fn service(inbox: mpsc::Sender<Input>) -> WorkerServer<LinkService> {
+    WorkerServer::new(LinkService {
+        inbox,
+        next_stream: Arc::new(AtomicU64::new(1)),
+    })
+    .max_decoding_message_size(MAX_MESSAGE)
+}
+
+pub struct LinkService {
+    inbox: mpsc::Sender<Input>,
+    next_stream: Arc<AtomicU64>,
+}
+
+type CommandStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<WorkerCommand, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Worker for LinkService {
+    type LinkStream = CommandStream;
+
+    async fn link(
+        &self,
+        request: Request<Streaming<GatewayEvent>>,
+    ) -> Result<Response<Self::LinkStream>, Status> {
+        let mut events = request.into_inner();
+        let hello = match events.message().await? {
+            Some(GatewayEvent {
+                event: Some(Event::Hello(hello)),
+            }) => hello,
+            _ => return Err(Status::invalid_argument("the first event must be Hello")),
+        };
+        let mode = Mode::try_from(hello.mode).unwrap_or(Mode::Unspecified);
+        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let capacity = match mode {
+            Mode::Private => PRIVATE_STREAM_QUEUE,
+            _ => STREAM_QUEUE,
+        };
+        let (tx, rx) = mpsc::channel(capacity);
+        if self
+            .inbox
+            .send(Input::StreamUp { stream, tx })
+            .await
+            .is_err()
+        {
+            return Err(Status::unavailable("worker is shutting down"));
+        }
+        if mode != Mode::Private {
+            info!(
+                stream,
+                gateway_tag = format!("{:08x}", hello.gateway_tag),
+                ?mode,
+                "gateway linked"
+            );
+        }
+        tokio::spawn(forward(stream, events, self.inbox.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Forwards one stream's events to the runtime, then reports it down.
+async fn forward(
+    stream: StreamId,
+    mut events: Streaming<GatewayEvent>,
+    inbox: mpsc::Sender<Input>,
+) {
+    loop {
+        let input = match events.message().await {
+            Ok(Some(GatewayEvent { event: Some(event) })) => match event {
+                Event::Open(o) => Input::Open {
+                    stream,
+                    ws: o.ws_id,
+                    since: o.since,
+                },
+                Event::Frame(f) => Input::Frame {
+                    ws: f.ws_id,
+                    text: f.text,
+                },
+                Event::Close(c) => Input::Close { ws: c.ws_id },
+                Event::Hello(_) => continue,
+            },
+            Ok(Some(GatewayEvent { event: None })) => continue,
+            Ok(None) => break,
+            Err(status) => {
+                debug!(stream, %status, "stream ended with an error");
+                break;
+            }
+        };
+        if inbox.send(input).await.is_err() {
+            return;
+        }
+    }
+    let _ = inbox.send(Input::StreamDown { stream }).await;
+}

@@ -1,0 +1,178 @@
+//! Which socket lives on which link stream, and the queues to those streams.
+//!
+//! Owned by the runtime task alone, so it needs no lock. A write groups its
+//! WebSocket IDs by stream and sends one `Deliver` per stream: a broadcast to
+//! a thousand sockets behind one shared stream is one protobuf message.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use sharedconn_proto::{Deliver, Disconnect, WorkerCommand, worker_command::Command};
+use tokio::sync::mpsc;
+use tonic::Status;
+use tracing::warn;
+
+use crate::app::WsId;
+
+/// Identifies one link stream for the life of the worker process.
+pub type StreamId = u64;
+
+/// What the runtime pushes into a stream's response.
+pub type StreamTx = mpsc::Sender<Result<WorkerCommand, Status>>;
+
+struct Stream {
+    tx: StreamTx,
+    /// Open sockets on this stream, in no particular order (`swap_remove`).
+    members: Vec<WsId>,
+    /// Set when the queue overflowed and the stream was cut; the stream's
+    /// sockets are released when its reader reports it down.
+    cut: bool,
+}
+
+/// WebSocket ID → stream, plus every stream's members.
+#[derive(Default)]
+pub struct Router {
+    streams: HashMap<StreamId, Stream>,
+    /// For each open socket: its stream and its index in that stream's members.
+    sockets: HashMap<WsId, (StreamId, usize)>,
+}
+
+impl Router {
+    pub fn add_stream(&mut self, id: StreamId, tx: StreamTx) {
+        self.streams.insert(
+            id,
+            Stream {
+                tx,
+                members: Vec::new(),
+                cut: false,
+            },
+        );
+    }
+
+    /// Forgets a stream and returns the sockets that were open on it.
+    pub fn remove_stream(&mut self, id: StreamId) -> Vec<WsId> {
+        let Some(stream) = self.streams.remove(&id) else {
+            return Vec::new();
+        };
+        for ws in &stream.members {
+            self.sockets.remove(ws);
+        }
+        stream.members
+    }
+
+    /// Registers an open socket. Returns false when the stream is unknown (it
+    /// went down while the open was queued) or the ID is already taken.
+    pub fn add_socket(&mut self, ws: WsId, stream: StreamId) -> bool {
+        if self.sockets.contains_key(&ws) {
+            return false;
+        }
+        let Some(s) = self.streams.get_mut(&stream) else {
+            return false;
+        };
+        self.sockets.insert(ws, (stream, s.members.len()));
+        s.members.push(ws);
+        true
+    }
+
+    /// Unregisters a socket; false when it was not open.
+    pub fn remove_socket(&mut self, ws: WsId) -> bool {
+        let Some((stream, index)) = self.sockets.remove(&ws) else {
+            return false;
+        };
+        if let Some(s) = self.streams.get_mut(&stream) {
+            s.members.swap_remove(index);
+            if let Some(&moved) = s.members.get(index) {
+                self.sockets.insert(moved, (stream, index));
+            }
+        }
+        true
+    }
+
+    pub fn contains(&self, ws: WsId) -> bool {
+        self.sockets.contains_key(&ws)
+    }
+
+    pub fn socket_count(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub fn write(&mut self, ids: &[WsId], text: Bytes) {
+        if let [ws] = ids {
+            // The common single-recipient case needs no grouping.
+            if let Some(&(stream, _)) = self.sockets.get(ws) {
+                self.send(stream, vec![*ws], text);
+            }
+            return;
+        }
+        let mut by_stream: HashMap<StreamId, Vec<WsId>> = HashMap::new();
+        for ws in ids {
+            if let Some(&(stream, _)) = self.sockets.get(ws) {
+                by_stream.entry(stream).or_default().push(*ws);
+            }
+        }
+        for (stream, ids) in by_stream {
+            self.send(stream, ids, text.clone());
+        }
+    }
+
+    pub fn broadcast(&mut self, text: Bytes) {
+        let targets: Vec<(StreamId, Vec<WsId>)> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| !s.cut && !s.members.is_empty())
+            .map(|(id, s)| (*id, s.members.clone()))
+            .collect();
+        for (stream, ids) in targets {
+            self.send(stream, ids, text.clone());
+        }
+    }
+
+    pub fn disconnect(&mut self, ws: WsId, code: u16, reason: &str) {
+        if let Some(&(stream, _)) = self.sockets.get(&ws) {
+            let command = Command::Disconnect(Disconnect {
+                ws_id: ws,
+                code: code.into(),
+                reason: reason.to_owned(),
+            });
+            self.push(stream, command);
+        }
+    }
+
+    fn send(&mut self, stream: StreamId, ws_ids: Vec<WsId>, text: Bytes) {
+        self.push(stream, Command::Deliver(Deliver { ws_ids, text }));
+    }
+
+    /// Never waits. A full queue means the gateway (shared mode) or the socket
+    /// (private mode) is not keeping up; waiting would stall every other
+    /// socket, and dropping one message would break the total order, so the
+    /// stream is cut instead: its gateway closes the affected sockets with
+    /// 1012 and their clients reconnect and replay from the log.
+    fn push(&mut self, stream: StreamId, command: Command) {
+        let Some(s) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        if s.cut {
+            return;
+        }
+        let message = WorkerCommand {
+            command: Some(command),
+        };
+        match s.tx.try_send(Ok(message)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!(
+                    stream,
+                    sockets = s.members.len(),
+                    "stream queue full, cutting the stream"
+                );
+                s.cut = true;
+                // Replacing the sender drops ours; once the queued commands are
+                // flushed the response ends and the gateway sees the cut.
+                let (dead, _) = mpsc::channel(1);
+                s.tx = dead;
+            }
+            // The response went away; the stream reader reports it down soon.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The one task that drives the application.
+//!
+//! Stream handlers queue [`Input`]s; the runtime applies them in arrival
+//! order, interleaved with the application's own events, and owns the
+//! [`Router`]. This single consumer is what gives the chat one total order.
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info};
+
+use crate::app::{Outbox, WebSocketApp, WsId};
+use crate::router::{Router, StreamId, StreamTx};
+
+/// Events queued for the runtime. Capacity bounds the memory a burst of
+/// frames can take; when full, stream readers wait, which pushes back through
+/// HTTP/2 flow control to the gateways and from there to the browsers' TCP.
+pub const INBOX_CAPACITY: usize = 4096;
+
+/// One thing that happened on a link stream.
+#[derive(Debug)]
+pub enum Input {
+    StreamUp {
+        stream: StreamId,
+        tx: StreamTx,
+    },
+    StreamDown {
+        stream: StreamId,
+    },
+    Open {
+        stream: StreamId,
+        ws: WsId,
+        since: u64,
+    },
+    Frame {
+        ws: WsId,
+        text: Bytes,
+    },
+    Close {
+        ws: WsId,
+    },
+}
+
+pub struct Runtime<A> {
+    app: A,
+    router: Router,
+    inbox: mpsc::Receiver<Input>,
+}
+
+impl<A: WebSocketApp> Runtime<A> {
+    pub fn new(app: A) -> (Self, mpsc::Sender<Input>) {
+        let (tx, inbox) = mpsc::channel(INBOX_CAPACITY);
+        let runtime = Runtime {
+            app,
+            router: Router::default(),
+            inbox,
+        };
+        (runtime, tx)
+    }
+
+    /// Runs until `stop` fires or every stream handler is gone. Dropping the
+    /// router on return ends every response stream.
+    pub async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        loop {
+            tokio::select! {
+                // Socket events first: they are what clients wait on, and the
+                // inbox is what pushes back on gateways when we fall behind.
+                biased;
+                input = self.inbox.recv() => match input {
+                    Some(input) => self.apply(input).await,
+                    None => break,
+                },
+                event = self.app.next_event() => {
+                    self.app.on_event(event, &mut Outbox::new(&mut self.router)).await;
+                }
+                _ = &mut stop => break,
+            }
+        }
+        info!(sockets = self.router.socket_count(), "runtime stopped");
+    }
+
+    async fn apply(&mut self, input: Input) {
+        match input {
+            Input::StreamUp { stream, tx } => self.router.add_stream(stream, tx),
+            Input::StreamDown { stream } => {
+                let orphans = self.router.remove_stream(stream);
+                debug!(stream, sockets = orphans.len(), "stream down");
+                for ws in orphans {
+                    self.app
+                        .on_close(ws, &mut Outbox::new(&mut self.router))
+                        .await;
+                }
+            }
+            Input::Open { stream, ws, since } => {
+                if self.router.add_socket(ws, stream) {
+                    self.app
+                        .on_open(ws, since, &mut Outbox::new(&mut self.router))
+                        .await;
+                }
+            }
+            Input::Frame { ws, text } => {
+                if !self.router.contains(ws) {
+                    return;
+                }
+                // The gateway forwards text frames only, checked as UTF-8.
+                let Ok(text) = std::str::from_utf8(&text) else {
+                    return;
+                };
+                self.app
+                    .on_frame(ws, text, &mut Outbox::new(&mut self.router))
+                    .await;
+            }
+            Input::Close { ws } => {
+                if self.router.remove_socket(ws) {
+                    self.app
+                        .on_close(ws, &mut Outbox::new(&mut self.router))
+                        .await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! The seed's chat, end to end: real sockets, real gRPC, a real worker and
+//! real gateways, in both connection modes.
+
+mod support;
+
+use std::collections::HashSet;
+
+use futures_util::SinkExt;
+
+use support::{Client, Cluster, Ended, Mode, http_get};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Runs a scenario once per mode, as two tests.
+macro_rules! both_modes {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn shared() {
+                super::$name(Mode::Shared).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn private() {
+                super::$name(Mode::Private).await;
+            }
+        }
+    )*};
+}
+
+both_modes!(
+    status_comes_first_with_a_unique_id,
+    aliases_reach_every_list,
+    messages_reach_everyone_in_one_order,
+    unicode_round_trips,
+    author_is_the_alias_the_server_holds,
+    bad_frames_get_an_error_and_the_socket_stays_usable,
+    binary_frame_closes_with_1003,
+    oversize_frame_closes_with_1009,
+    closed_window_leaves_the_list,
+    worker_restart_keeps_the_log_and_the_ids,
+    slow_reader_does_not_delay_the_others,
+    new_socket_gets_recent_history_then_live,
+    reconnect_with_since_replays_only_what_was_missed,
+    gateway_shutdown_closes_with_1001,
+);
+
+async fn status_comes_first_with_a_unique_id(mode: Mode) {
+    let cluster = Cluster::builder().mode(mode).gateways(2).start().await;
+    let mut ids = HashSet::new();
+    for i in 0..6 {
+        let c = Client::connect(&cluster.ws_url(i % 2)).await;
+        assert!(ids.insert(c.wsid.clone()), "WSID {} issued twice", c.wsid);
+    }
+    // The seed page's own path works too.
+    let seed_url = format!("ws://{}/csp/user/Chat.Server.cls", cluster.gateway_addr(0));
+    let c = Client::connect(&seed_url).await;
+    assert!(ids.insert(c.wsid.clone()));
+    cluster.shutdown().await;
+}
+
+async fn aliases_reach_every_list(mode: Mode) {
+    let cluster = Cluster::builder().mode(mode).gateways(2).start().await;
+    let mut ann = Client::connect(&cluster.ws_url(0)).await;
+    let mut bob = Client::connect(&cluster.ws_url(1)).await;
+    ann.alias("ann").await;
+    bob.alias("bob").await;
+    let both = |u: &[String]| u.contains(&"ann".into()) && u.contains(&"bob".into());
+    ann.userlist_until(both).await;
+    bob.userlist_until(both).await;
+    // Empty means "default"; renaming replaces, it does not add.
+    ann.alias("").await;
+    let list = bob.userlist_until(|u| u.contains(&"default".into())).await;
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert!(!list.contains(&"ann".into()));
+    cluster.shutdown().await;
+}
+
+async fn messages_reach_everyone_in_one_order(mode: Mode) {
+    let cluster = Cluster::builder().mode(mode).gateways(2).start().await;
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let mut c = Client::connect(&cluster.ws_url(i % 2)).await;
+        c.alias(&format!("user{i}")).await;
+        clients.push(c);
+    }
+    const EACH: usize = 15;
+    for round in 0..EACH {
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.say(&format!("m{i}-{round}")).await;
+        }
+    }
+    let mut orders = Vec::new();
+    for c in &mut clients {
+        let got = c.chats(EACH * clients_len()).await;
+        let ids: Vec<u64> = got.iter().map(|(id, _, _)| *id).collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "ids not increasing: {ids:?}"
+        );
+        orders.push(got);
+    }
+    for o in &orders[1..] {
+        assert_eq!(o, &orders[0], "two clients saw different orders");
+    }
+    // Every message arrived exactly once, the sender's own included.
+    let texts: HashSet<&str> = orders[0].iter().map(|(_, _, t)| t.as_str()).collect();
+    assert_eq!(texts.len(), EACH * clients_len());
+    // Each sender's messages keep the order it sent them in.
+    for i in 0..clients_len() {
+        let mine: Vec<&str> = orders[0]
+            .iter()
+            .filter(|(_, a, _)| *a == format!("user{i}"))
+            .map(|(_, _, t)| t.as_str())
+            .collect();
+        let sent: Vec<String> = (0..EACH).map(|r| format!("m{i}-{r}")).collect();
+        assert_eq!(mine, sent);
+    }
+    cluster.shutdown().await;
+}
+
+fn clients_len() -> usize {
+    4
+}
+
+async fn unicode_round_trips(mode: Mode) {
+    let cluster = Cluster::builder().mode(mode).start().await;
+    let mut a = Client::connect(&cluster.ws_url(0)).await;
+    let mut b = Client::connect(&cluster.ws_url(0)).await;
+    a.alias("さくら 🌸").await;
+    a.userlist_until(|u| u.contains(&"さくら 🌸".into())).await;
+    let text = "こんにちは、世界 🌸🚀 — ñ, ü, 中文, עברית, \"quotes\" <tags> \\ \u{0}";
+    a.say(text).await;
+    for c in [&mut a, &mut b] {
+        let got = c.chats(1).await;
+        assert_eq!(got[0].1, "さくら 🌸");
+        assert_eq!(got[0].2, text);
+    }
+    cluster.shutdown().await;
+}
+
+async fn author_is_the_alias_the_server_holds(mode: Mode) {
+    let cluster = Cluster::builder().mode(mode).start().await;
+    let mut ann = Client::connect(&cluster.ws_url(0)).await;
+    let mut bob = Client::connect(&cluster.ws_url(0)).await;
+    // Before any alias the author is "default", whatever the frame claims.
+    ann.say_as("bob", "first").await;
+    assert_eq!(bob.chats(1).await[0].1, "default");
+    ann.alias("ann").await;
+    bob.alias("bob").await;
+    ann.say_as("bob", "I am not bob").await;
+    let got = bob.chats(1).await;
+    assert_eq!(
+        (got[0].1.as_str(), got[0].2.as_str()),
+        ("ann", "I am not bob")
+    );
+    cluster.shutdown().await;
+}
+
+async fn bad_frames_get_an_error_and_the_socket_stays_usable(mode: Mode) {
+    let cluster = Cluster::builder().mode(mode).start().await;
+    let mut bad = Client::connect(&cluster.ws_url(0)).await;
+    let mut other = Client::connect(&cluster.ws_url(0)).await;
+    let cases = [
+        ("{not json", "bad_json"),
+        ("[1,2,3]", "bad_shape"),
+        (r#"{"Hello":"x"}"#, "bad_shape"),
+        (r#"{"User":42}"#, "bad_alias"),
+        (r#"{"Message":"%%% not base64"}"#, "bad_message"),
+        (r#"{"Message":"/w=="}"#, "bad_message"),
+        (r#"{"Message":""}"#, "bad_message"),
+    ];
+    for (frame, code) in cases {
+        bad.send_text(frame).await;
+        let v = bad.next_of("Error").await;
+        assert_eq!(v["Code"], code, "for {frame}: {v}");
+        assert!(v["Error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+    // Still usable, and nobody else heard about any of it.
+    bad.say("still here").await;
+    assert_eq!(bad.chats(1).await[0].2, "still here");
+    let v = other.next_of("Chat").await;
+    assert_eq!(support::unb64(v["Message"].as_str().unwrap()), "still here");
+    cluster.shutdown().await;
+}
+
+async fn binary_frame_closes_with_1003(mode: Mode) {
+    let cluster = Cluster::builder().mode(mode).start().await;
+    let mut c = Client::connect(&cluster.ws_url(0)).await;
+    let mut other = Client::connect(&cluster.ws_url(0)).await;
+    c.ws.send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    assert_eq!(c.ended().await, Ended::Closed(1003));
+    other.say("unaffected").await;
+    assert_eq!(other.chats(1).await[0].2, "unaffected");
+    cluster.shutdown().await;
+}
+
+async fn oversize_frame_closes_with_1009(mode: Mode) {
+    let cluster = Cluster::builder().mode(mode).start().await;
+    let mut c = Client::connect(&cluster.ws_url(0)).await;
+    let mut other = Client::connect(&cluster.ws_url(0)).await;
+    let big = format!(r#"{{"Message":"{}"}}"#, "A".repeat(70 * 1024));
+    c.send_text(big).await;
+    assert_eq!(c.ended().await, Ended::Closed(1009));
+    // Just under the limit is fine.
+    let text = "x".repeat(40 * 1024);
+    other.say(&text).await;
+    assert_eq!(other.chats(1).await[0].2, text);
+    cluster.shutdown().await;
+}
+
+async fn closed_window_leaves_the_list(mode: Mode) {
+    let cluster = Cluster::builder().mode(mode).gateways(2).start().await;
+    let mut ann = Client::connect(&cluster.ws_url(0)).await;
+    let mut bob = Client::connect(&cluster.ws_url(1)).await;
+    ann.alias("ann").await;
+    bob.alias("bob").await;
+    bob.userlist_until(|u| u.len() == 2).await;
+    ann.ws.close(None).await.unwrap();
+    let list = bob.userlist_until(|u| !u.contains(&"ann".into())).await;
+    assert_eq!(list, vec!["bob".to_owned()]);
+    // A socket dropped without a close handshake leaves too.
+    let mut cat = Client::connect(&cluster.ws_url(0)).await;
+    cat.alias("cat").await;
+    bob.userlist_until(|u| u.contains(&"cat".into())).await;
+    drop(cat);
+    bob.userlist_until(|u| !u.contains(&"cat".into())).await;
+    cluster.shutdown().await;
+}
+
+async fn worker_restart_keeps_the_log_and_the_ids(mode: Mode) {
+    let mut cluster = Cluster::builder().mode(mode).start().await;
+    let mut a = Client::connect(&cluster.ws_url(0)).await;
+    a.alias("ann").await;
+    for t in ["one", "two", "three"] {
+        a.say(t).await;
+    }
+    let before = a.chats(3).await;
+    cluster.stop_worker().await;
+    // The gateway tells its sockets the worker is restarting.
+    assert_eq!(a.ended().await, Ended::Closed(1012));
+    cluster.start_worker().await;
+    let mut b = Client::connect(&cluster.ws_url(0)).await;
+    assert_eq!(b.chats(3).await, before, "history after restart");
+    b.say("four").await;
+    let after = b.chats(1).await;
+    assert_eq!(after[0].0, before[2].0 + 1, "ids continue after restart");
+    cluster.shutdown().await;
+}
+
+async fn slow_reader_does_not_delay_the_others(mode: Mode) {
+    let cluster = Cluster::builder()
+        .mode(mode)
+        .gateway_config(|c| {
+            c.socket_queue = 32;
+            c.frames_per_sec = 10_000;
+            c.frame_burst = 10_000;
+        })
+        .start()
+        .await;
+    // Never reads, with a tiny receive buffer: the gateway's writes to it
+    // block, then its queue fills, then it is cut.
+    let mut slow = Client::connect_with_recv_buffer(&cluster.ws_url(0), 4096).await;
+    let mut fast = Client::connect(&cluster.ws_url(0)).await;
+    let mut sender = Client::connect(&cluster.ws_url(0)).await;
+    const N: usize = 300;
+    let text = "z".repeat(30 * 1024);
+    let reader = tokio::spawn(async move {
+        let mut ids = Vec::with_capacity(N);
+        for _ in 0..N {
+            let v = fast.next_of("Chat").await;
+            ids.push(v["ID"].as_u64().unwrap());
+        }
+        ids
+    });
+    // Paced by the sender's own echo, so a reader that keeps up never has
+    // more than a few frames queued.
+    let mut sent = Vec::with_capacity(N);
+    for i in 0..N {
+        sender.say(&format!("{i} {text}")).await;
+        sent.push(sender.next_of("Chat").await["ID"].as_u64().unwrap());
+    }
+    let got = reader.await.expect("the fast reader was held up");
+    assert_eq!(got, sent, "the fast reader got every message, in order");
+    // The slow socket was cut rather than allowed to hold anything up.
+    let ended = slow.ended().await;
+    assert!(
+        matches!(ended, Ended::Closed(1008) | Ended::Dropped),
+        "{ended:?}"
+    );
+    cluster.shutdown().await;
+}
+
+async fn new_socket_gets_recent_history_then_live(mode: Mode) {
+    let cluster = Cluster::builder().mode(mode).history(5).start().await;
+    let mut a = Client::connect(&cluster.ws_url(0)).await;
+    for i in 0..8 {
+        a.say(&format!("h{i}")).await;
+    }
+    let all = a.chats(8).await;
+    let mut b = Client::connect(&cluster.ws_url(0)).await;
+    let history = b.chats(5).await;
+    assert_eq!(
+        history,
+        all[3..].to_vec(),
+        "the 5 most recent, oldest first"
+    );
+    a.say("live").await;
+    let live = b.chats(1).await;
+    assert_eq!(live[0].0, all[7].0 + 1);
+    cluster.shutdown().await;
+}
+
+async fn reconnect_with_since_replays_only_what_was_missed(mode: Mode) {
+    let cluster = Cluster::builder().mode(mode).history(2).start().await;
+    let mut a = Client::connect(&cluster.ws_url(0)).await;
+    for i in 0..6 {
+        a.say(&format!("s{i}")).await;
+    }
+    let all = a.chats(6).await;
+    let since = all[1].0;
+    let url = format!("{}?since={since}", cluster.ws_url(0));
+    let mut b = Client::connect(&url).await;
+    assert_eq!(b.chats(4).await, all[2..].to_vec());
+    a.say("after").await;
+    assert_eq!(b.chats(1).await[0].2, "after");
+    cluster.shutdown().await;
+}
+
+async fn gateway_shutdown_closes_with_1001(mode: Mode) {
+    let mut cluster = Cluster::builder().mode(mode).start().await;
+    let mut a = Client::connect(&cluster.ws_url(0)).await;
+    cluster.stop_gateway(0).await;
+    assert_eq!(a.ended().await, Ended::Closed(1001));
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn http_routes() {
+    let cluster = Cluster::builder().start().await;
+    let addr = cluster.gateway_addr(0);
+    let (status, body) = http_get(addr, "/").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("<html"), "the chat page");
+    assert_eq!(
+        http_get(addr, "/healthz").await.unwrap(),
+        (200, "ok\n".into())
+    );
+    assert_eq!(http_get(addr, "/nope").await.unwrap().0, 404);
+    // A plain GET on the WebSocket path is refused with a reason.
+    let (status, body) = http_get(addr, "/ws").await.unwrap();
+    assert_eq!(status, 400);
+    assert!(body.contains("WebSocket"));
+    cluster.shutdown().await;
+}
