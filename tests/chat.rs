@@ -42,6 +42,7 @@ both_modes!(
     new_socket_gets_recent_history_then_live,
     reconnect_with_since_replays_only_what_was_missed,
     gateway_shutdown_closes_with_1001,
+    flooding_client_is_slowed_not_dropped,
 );
 
 async fn status_comes_first_with_a_unique_id(mode: Mode) {
@@ -333,6 +334,50 @@ async fn gateway_shutdown_closes_with_1001(mode: Mode) {
     let mut a = Client::connect(&cluster.ws_url(0)).await;
     cluster.stop_gateway(0).await;
     assert_eq!(a.ended().await, Ended::Closed(1001));
+    cluster.shutdown().await;
+}
+
+async fn flooding_client_is_slowed_not_dropped(mode: Mode) {
+    let cluster = Cluster::builder()
+        .mode(mode)
+        .gateway_config(|c| {
+            c.frames_per_sec = 100;
+            c.frame_burst = 20;
+        })
+        .start()
+        .await;
+    let mut flooder = Client::connect(&cluster.ws_url(0)).await;
+    let mut other = Client::connect(&cluster.ws_url(0)).await;
+    const N: usize = 200;
+    // Written as fast as the socket takes them: the gateway reads them no
+    // faster than its rate limit, and the rest waits in TCP buffers.
+    let flood = tokio::spawn(async move {
+        for i in 0..N {
+            flooder.say(&format!("flood {i}")).await;
+        }
+        flooder
+    });
+    // Wait until the flood is under way, then speak up.
+    let first = other.next_of("Chat").await;
+    other.say("me too").await;
+    let mut seen = vec![support::unb64(first["Message"].as_str().unwrap())];
+    let mut mine = None;
+    while seen.len() < N {
+        let v = other.next_of("Chat").await;
+        let text = support::unb64(v["Message"].as_str().unwrap());
+        if text == "me too" {
+            mine = Some(seen.len());
+        } else {
+            seen.push(text);
+        }
+    }
+    let _flooder = flood.await.unwrap();
+    // Nothing of the flood was lost or reordered...
+    let expected: Vec<String> = (0..N).map(|i| format!("flood {i}")).collect();
+    assert_eq!(seen, expected);
+    // ...and the other client was not queued behind all of it.
+    let mine = mine.expect("the other client's message never arrived");
+    assert!(mine < N - 1, "arrived after the whole flood ({mine})");
     cluster.shutdown().await;
 }
 

@@ -15,7 +15,7 @@ use sharedconn_proto::{GatewayEvent, Mode, WorkerCommand};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::router::StreamId;
 use crate::runtime::Input;
@@ -86,7 +86,12 @@ impl Worker for LinkService {
                 "gateway linked"
             );
         }
-        tokio::spawn(forward(stream, events, self.inbox.clone()));
+        tokio::spawn(forward(
+            stream,
+            hello.gateway_tag,
+            events,
+            self.inbox.clone(),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -94,22 +99,36 @@ impl Worker for LinkService {
 /// Forwards one stream's events to the runtime, then reports it down.
 async fn forward(
     stream: StreamId,
+    gateway_tag: u32,
     mut events: Streaming<GatewayEvent>,
     inbox: mpsc::Sender<Input>,
 ) {
     loop {
         let input = match events.message().await {
             Ok(Some(GatewayEvent { event: Some(event) })) => match event {
+                // A gateway opens only IDs it issued (high half: its tag).
+                Event::Open(o) if (o.ws_id >> 32) as u32 != gateway_tag => {
+                    warn!(
+                        stream,
+                        ws_id = o.ws_id,
+                        "open for a foreign WebSocket ID ignored"
+                    );
+                    continue;
+                }
                 Event::Open(o) => Input::Open {
                     stream,
                     ws: o.ws_id,
                     since: o.since,
                 },
                 Event::Frame(f) => Input::Frame {
+                    stream,
                     ws: f.ws_id,
                     text: f.text,
                 },
-                Event::Close(c) => Input::Close { ws: c.ws_id },
+                Event::Close(c) => Input::Close {
+                    stream,
+                    ws: c.ws_id,
+                },
                 Event::Hello(_) => continue,
             },
             Ok(Some(GatewayEvent { event: None })) => continue,

@@ -88,8 +88,9 @@ impl Router {
         true
     }
 
-    pub fn contains(&self, ws: WsId) -> bool {
-        self.sockets.contains_key(&ws)
+    /// The stream `ws` is open on.
+    pub fn stream_of(&self, ws: WsId) -> Option<StreamId> {
+        self.sockets.get(&ws).map(|&(stream, _)| stream)
     }
 
     pub fn socket_count(&self) -> usize {

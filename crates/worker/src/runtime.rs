@@ -32,10 +32,12 @@ pub enum Input {
         since: u64,
     },
     Frame {
+        stream: StreamId,
         ws: WsId,
         text: Bytes,
     },
     Close {
+        stream: StreamId,
         ws: WsId,
     },
 }
@@ -97,8 +99,9 @@ impl<A: WebSocketApp> Runtime<A> {
                         .await;
                 }
             }
-            Input::Frame { ws, text } => {
-                if !self.router.contains(ws) {
+            Input::Frame { stream, ws, text } => {
+                // A stream speaks only for its own sockets.
+                if self.router.stream_of(ws) != Some(stream) {
                     return;
                 }
                 // The gateway forwards text frames only, checked as UTF-8.
@@ -109,8 +112,8 @@ impl<A: WebSocketApp> Runtime<A> {
                     .on_frame(ws, text, &mut Outbox::new(&mut self.router))
                     .await;
             }
-            Input::Close { ws } => {
-                if self.router.remove_socket(ws) {
+            Input::Close { stream, ws } => {
+                if self.router.stream_of(ws) == Some(stream) && self.router.remove_socket(ws) {
                     self.app
                         .on_close(ws, &mut Outbox::new(&mut self.router))
                         .await;
