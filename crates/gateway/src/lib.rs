@@ -14,11 +14,13 @@
 //! - [`http`]: routes, upgrade handshake, admission control.
 //! - [`session`]: one socket's state machine, rate limit, close codes.
 //! - [`upstream`]: the links to workers and the WebSocket ID → socket table.
+//! - [`queue`]: a socket's bounded outbound queue and close order.
 //! - [`config`], [`error`]: settings, and the one place errors become close codes.
 
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod queue;
 pub mod session;
 pub mod upstream;
 

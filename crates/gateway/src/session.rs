@@ -1,7 +1,8 @@
 //! One browser WebSocket, from upgrade to close.
 //!
 //! A single task per socket selects over: the client's frames, the socket's
-//! outbound queue, its kill switch and the gateway's drain signal. One task
+//! outbound queue (which also carries the order to close) and the gateway's
+//! drain signal. One task
 //! instead of a reader and a writer keeps an idle socket small; the price is
 //! that while a write to a slow client is blocked we do not read from it,
 //! which only slows that client down.
@@ -21,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::error::CloseReason;
-use crate::upstream::{Attachment, Kill, Outbound};
+use crate::queue::Kill;
+use crate::upstream::Attachment;
 
 /// Frames written before one flush: batches a burst into few syscalls.
 const WRITE_BATCH: usize = 64;
@@ -73,30 +75,26 @@ pub async fn run(
     mut limit: RateLimit,
     drain: CancellationToken,
 ) {
-    let Attachment {
-        link,
-        mut outbound,
-        mut kill,
-    } = attachment;
+    let Attachment { link, queue } = attachment;
     let ws_id = link.ws_id;
     let close: Option<Kill> = loop {
         let throttle = limit.wait_until();
+        let mut batch = Vec::new();
         tokio::select! {
             _ = drain.cancelled() => break Some(CloseReason::GoingAway.into()),
-            k = &mut kill => break Some(k.unwrap_or_else(|_| CloseReason::WorkerLost.into())),
-            out = outbound.recv() => {
-                let Some(Outbound::Text(text)) = out else {
-                    break Some(CloseReason::WorkerLost.into());
-                };
+            next = queue.next(&mut batch, WRITE_BATCH) => {
+                if let Err(kill) = next {
+                    break Some(kill);
+                }
                 // A write to a slow client may block; it must not keep the
                 // socket from being killed or drained.
                 tokio::select! {
-                    written = write_batch(&mut socket, text, &mut outbound) => {
+                    written = write_batch(&mut socket, batch) => {
                         if written.is_err() {
                             break None;
                         }
                     }
-                    k = &mut kill => break Some(k.unwrap_or_else(|_| CloseReason::WorkerLost.into())),
+                    kill = queue.killed() => break Some(kill),
                     _ = drain.cancelled() => break Some(CloseReason::GoingAway.into()),
                 }
             }
@@ -130,21 +128,13 @@ pub async fn run(
         };
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.close(Some(frame))).await;
     }
-    link.close().await;
+    link.close(&queue).await;
 }
 
-/// Writes `first` and whatever else is already queued, then flushes once.
-async fn write_batch(
-    socket: &mut Socket,
-    first: Utf8Bytes,
-    outbound: &mut tokio::sync::mpsc::Receiver<Outbound>,
-) -> Result<(), WsError> {
-    socket.feed(Message::Text(first)).await?;
-    for _ in 1..WRITE_BATCH {
-        match outbound.try_recv() {
-            Ok(Outbound::Text(text)) => socket.feed(Message::Text(text)).await?,
-            Err(_) => break,
-        }
+/// Writes a batch of frames, then flushes once.
+async fn write_batch(socket: &mut Socket, batch: Vec<Utf8Bytes>) -> Result<(), WsError> {
+    for text in batch {
+        socket.feed(Message::Text(text)).await?;
     }
     socket.flush().await
 }

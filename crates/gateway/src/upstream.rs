@@ -12,7 +12,7 @@
 //! both modes share one overflow policy.
 //!
 //! Either way the socket's session gets an [`Attachment`]: a sender for its
-//! events towards the worker, its outbound queue, and a kill switch.
+//! events towards the worker, and its outbound [`SocketQueue`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -23,7 +23,7 @@ use sharedconn_proto::gateway_event::Event;
 use sharedconn_proto::worker_client::WorkerClient;
 use sharedconn_proto::worker_command::Command;
 use sharedconn_proto::{Close, Frame, GatewayEvent, Hello, Open, WorkerCommand};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, Mode};
 use crate::error::{CloseReason, Error};
+use crate::queue::{Kill, Push, SocketQueue};
 
 /// Events queued towards a worker on a shared stream. Sessions wait when it
 /// is full (HTTP/2 flow control is pushing back), so it only needs to cover
@@ -47,33 +48,6 @@ const CONNECTION_WINDOW: u32 = 32 << 20;
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
-/// What a session writes to its socket.
-#[derive(Debug)]
-pub enum Outbound {
-    Text(Utf8Bytes),
-}
-
-/// A request to close a socket, from outside its session.
-#[derive(Debug, Clone)]
-pub struct Kill {
-    pub code: u16,
-    pub reason: String,
-}
-
-impl From<CloseReason> for Kill {
-    fn from(r: CloseReason) -> Self {
-        Kill {
-            code: r.code().into(),
-            reason: r.text().to_owned(),
-        }
-    }
-}
-
-struct Slot {
-    tx: mpsc::Sender<Outbound>,
-    kill: oneshot::Sender<Kill>,
-}
-
 /// WebSocket ID → the socket's queue, for one shared link.
 #[derive(Default)]
 struct Registry {
@@ -82,18 +56,18 @@ struct Registry {
 
 #[derive(Default)]
 struct RegistryInner {
-    slots: HashMap<u64, Slot>,
+    slots: HashMap<u64, Arc<SocketQueue>>,
     /// Set when the link broke: nothing may join any more.
     retired: bool,
 }
 
 impl Registry {
-    fn insert(&self, ws: u64, slot: Slot) -> bool {
+    fn insert(&self, ws: u64, queue: Arc<SocketQueue>) -> bool {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         if inner.retired {
             return false;
         }
-        inner.slots.insert(ws, slot);
+        inner.slots.insert(ws, queue);
         true
     }
 
@@ -107,8 +81,8 @@ impl Registry {
             let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
             inner.slots.remove(&ws)
         };
-        if let Some(slot) = slot {
-            let _ = slot.kill.send(kill);
+        if let Some(queue) = slot {
+            queue.kill(kill);
         }
     }
 
@@ -120,12 +94,10 @@ impl Registry {
         {
             let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
             for ws in ids {
-                let Some(slot) = inner.slots.get(ws) else {
+                let Some(queue) = inner.slots.get(ws) else {
                     continue;
                 };
-                if let Err(mpsc::error::TrySendError::Full(_)) =
-                    slot.tx.try_send(Outbound::Text(text.clone()))
-                {
+                if queue.push(text.clone()) == Push::Full {
                     overflowed.push(*ws);
                 }
             }
@@ -143,8 +115,8 @@ impl Registry {
             std::mem::take(&mut inner.slots)
         };
         let n = slots.len();
-        for (_, slot) in slots {
-            let _ = slot.kill.send(reason.into());
+        for (_, queue) in slots {
+            queue.kill(reason.into());
         }
         n
     }
@@ -153,11 +125,9 @@ impl Registry {
 /// What a session gets when its socket is attached to a worker.
 pub struct Attachment {
     pub link: SocketLink,
-    /// Frames addressed to this socket.
-    pub outbound: mpsc::Receiver<Outbound>,
-    /// Fires when the socket must be closed from outside (overflow, worker
-    /// lost, worker's `Disconnect`).
-    pub kill: oneshot::Receiver<Kill>,
+    /// Frames addressed to this socket, and the order to close it from
+    /// outside (overflow, worker lost, the worker's `Disconnect`).
+    pub queue: Arc<SocketQueue>,
 }
 
 /// A socket's way to the worker.
@@ -182,7 +152,9 @@ impl SocketLink {
     }
 
     /// Tells the worker the socket is gone and leaves the registry.
-    pub async fn close(self) {
+    pub async fn close(self, queue: &SocketQueue) {
+        // Whatever still feeds the queue (a private pump) stops.
+        queue.kill(CloseReason::GoingAway.into());
         if let Some(registry) = &self.registry {
             registry.remove(self.ws_id);
         }
@@ -266,9 +238,7 @@ impl Upstream {
     /// Attaches a new socket to its worker and sends `Open`.
     pub async fn attach(&self, ws_id: u64, since: u64) -> Result<Attachment, CloseReason> {
         let worker = &self.workers[(ws_id as usize) % self.workers.len()];
-        let (tx, outbound) = mpsc::channel(self.socket_queue);
-        let (kill_tx, kill) = oneshot::channel();
-        let slot = Slot { tx, kill: kill_tx };
+        let queue = Arc::new(SocketQueue::new(self.socket_queue));
         let open = GatewayEvent {
             event: Some(Event::Open(Open { ws_id, since })),
         };
@@ -279,7 +249,7 @@ impl Upstream {
                     let live = live.as_ref().ok_or(CloseReason::NoWorker)?;
                     (live.events.clone(), live.registry.clone())
                 };
-                if !registry.insert(ws_id, slot) {
+                if !registry.insert(ws_id, queue.clone()) {
                     return Err(CloseReason::NoWorker);
                 }
                 if events.send(open).await.is_err() {
@@ -292,8 +262,7 @@ impl Upstream {
                         events,
                         registry: Some(registry),
                     },
-                    outbound,
-                    kill,
+                    queue,
                 })
             }
             Mode::Private => {
@@ -310,15 +279,14 @@ impl Upstream {
                         debug!(ws_id, %status, "private link refused");
                         CloseReason::NoWorker
                     })?;
-                tokio::spawn(pump_private(response.into_inner(), slot));
+                tokio::spawn(pump_private(response.into_inner(), queue.clone()));
                 Ok(Attachment {
                     link: SocketLink {
                         ws_id,
                         events,
                         registry: None,
                     },
-                    outbound,
-                    kill,
+                    queue,
                 })
             }
         }
@@ -339,7 +307,7 @@ fn hello(gateway_tag: u32, mode: Mode) -> GatewayEvent {
 }
 
 /// Moves one private stream's deliveries into its socket's queue.
-async fn pump_private(mut commands: tonic::Streaming<WorkerCommand>, slot: Slot) {
+async fn pump_private(mut commands: tonic::Streaming<WorkerCommand>, queue: Arc<SocketQueue>) {
     let reason = loop {
         match commands.message().await {
             Ok(Some(WorkerCommand {
@@ -349,13 +317,11 @@ async fn pump_private(mut commands: tonic::Streaming<WorkerCommand>, slot: Slot)
                     warn!("worker sent a frame that is not UTF-8");
                     continue;
                 };
-                match slot.tx.try_send(Outbound::Text(text)) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        break Kill::from(CloseReason::TooSlow);
-                    }
+                match queue.push(text) {
+                    Push::Queued => {}
+                    Push::Full => break Kill::from(CloseReason::TooSlow),
                     // The session ended.
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    Push::Closed => return,
                 }
             }
             Ok(Some(WorkerCommand {
@@ -370,7 +336,7 @@ async fn pump_private(mut commands: tonic::Streaming<WorkerCommand>, slot: Slot)
             Ok(None) | Err(_) => break Kill::from(CloseReason::WorkerLost),
         }
     };
-    let _ = slot.kill.send(reason);
+    queue.kill(reason);
 }
 
 /// Keeps one shared stream to `worker` up until `stop`.
