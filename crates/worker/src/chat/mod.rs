@@ -230,3 +230,84 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use sharedconn_proto::worker_command::Command;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::backplane::embedded::Embedded;
+
+    /// A chat over a real embedded log, with one stream whose commands the
+    /// test reads.
+    fn chat(
+        dir: &std::path::Path,
+    ) -> (
+        Chat<Embedded>,
+        Router,
+        mpsc::Receiver<Result<sharedconn_proto::WorkerCommand, tonic::Status>>,
+    ) {
+        let chat = Chat::new(
+            Embedded::open(dir, 50).unwrap(),
+            50,
+            Duration::from_millis(100),
+        );
+        let mut router = Router::default();
+        let (tx, rx) = mpsc::channel(1024);
+        router.add_stream(1, tx);
+        (chat, router, rx)
+    }
+
+    fn userlists(
+        rx: &mut mpsc::Receiver<Result<sharedconn_proto::WorkerCommand, tonic::Status>>,
+    ) -> Vec<String> {
+        let mut lists = Vec::new();
+        while let Ok(Ok(cmd)) = rx.try_recv() {
+            if let Some(Command::Deliver(d)) = cmd.command {
+                let text = String::from_utf8(d.text.to_vec()).unwrap();
+                if text.contains("\"userlist\"") {
+                    lists.push(text);
+                }
+            }
+        }
+        lists
+    }
+
+    use crate::router::Router;
+
+    #[tokio::test(start_paused = true)]
+    async fn joins_within_the_interval_make_one_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut chat, mut router, mut rx) = chat(dir.path());
+        for ws in 1..=3 {
+            router.add_socket(ws, 1);
+            chat.on_open(ws, 0, &mut Outbox::new(&mut router)).await;
+        }
+        // Each open got the (empty) list on its own.
+        assert_eq!(userlists(&mut rx).len(), 3);
+        for (ws, name) in [(1, "a"), (2, "b"), (3, "c")] {
+            let frame = format!(r#"{{"User":"{name}"}}"#);
+            chat.on_frame(ws, &frame, &mut Outbox::new(&mut router))
+                .await;
+        }
+        assert!(
+            userlists(&mut rx).is_empty(),
+            "nothing sent before the interval"
+        );
+        let event = chat.next_event().await;
+        assert!(matches!(event, ChatEvent::SendUserlist));
+        chat.on_event(event, &mut Outbox::new(&mut router)).await;
+        let lists = userlists(&mut rx);
+        assert_eq!(
+            lists,
+            vec![r#"{"Type":"userlist","Users":["a","b","c"]}"#.to_owned()]
+        );
+        // A change right after a send waits for the next interval.
+        chat.on_close(2, &mut Outbox::new(&mut router)).await;
+        let before = Instant::now();
+        let event = chat.next_event().await;
+        assert!(matches!(event, ChatEvent::SendUserlist));
+        assert!(Instant::now() - before >= Duration::from_millis(99));
+    }
+}
