@@ -23,7 +23,7 @@ const INDEX_HTML: &str = include_str!("../assets/index.html");
 pub const WS_PATHS: [&str; 2] = ["/ws", "/csp/user/Chat.Server.cls"];
 /// Bytes read from a socket at a time. Small, because an idle socket keeps
 /// this buffer for its whole life; frames larger than it are read in steps.
-const READ_BUFFER: usize = 1024;
+const READ_BUFFER: usize = 512;
 /// Bytes buffered before a write is pushed to the socket.
 const WRITE_BUFFER: usize = 16 * 1024;
 
@@ -136,7 +136,10 @@ fn upgrade(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Body> 
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
         let ws_id = gateway.next_ws_id();
-        match gateway.upstream.attach(ws_id, since).await {
+        // Boxed: attaching (a gRPC call in private mode) needs far more state
+        // than the session that follows, and a task is as big as its
+        // biggest state for its whole life.
+        match Box::pin(gateway.upstream.attach(ws_id, since)).await {
             Ok(attachment) => {
                 debug!(ws_id, "socket opened");
                 let limit =
