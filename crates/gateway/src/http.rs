@@ -9,12 +9,14 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tracing::debug;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tracing::{debug, warn};
 
 use crate::Gateway;
+use crate::frames::{FrameWriter, ReadHalf};
 use crate::session::{self, RateLimit};
 
 /// The chat page, served from the binary: no other asset, no CDN.
@@ -24,8 +26,6 @@ pub const WS_PATHS: [&str; 2] = ["/ws", "/csp/user/Chat.Server.cls"];
 /// Bytes read from a socket at a time. Small, because an idle socket keeps
 /// this buffer for its whole life; frames larger than it are read in steps.
 const READ_BUFFER: usize = 512;
-/// Bytes buffered before a write is pushed to the socket.
-const WRITE_BUFFER: usize = 16 * 1024;
 
 pub type Body = Full<Bytes>;
 
@@ -127,14 +127,30 @@ fn upgrade(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Body> 
                 return;
             }
         };
+        // Split the TCP stream: tungstenite reads, our FrameWriter writes.
+        let (io, leftover) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            // Copy what the client sent behind its handshake, and let go of
+            // hyper's read buffer: held for the socket's life it would
+            // double an idle socket's memory.
+            Ok(parts) => (parts.io, parts.read_buf.to_vec()),
+            Err(_) => {
+                warn!("upgraded connection is not a TCP stream");
+                return;
+            }
+        };
+        let (read, write) = io.into_inner().into_split();
+        let mut writer = FrameWriter::new(write);
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
-            .write_buffer_size(WRITE_BUFFER)
             .max_message_size(Some(gateway.config.max_frame_bytes))
             .max_frame_size(Some(gateway.config.max_frame_bytes));
-        let mut socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
+        let reader = WebSocketStream::from_partially_read(
+            ReadHalf(read),
+            leftover,
+            Role::Server,
+            Some(config),
+        )
+        .await;
         let ws_id = gateway.next_ws_id();
         // Boxed: attaching (a gRPC call in private mode) needs far more state
         // than the session that follows, and a task is as big as its
@@ -144,15 +160,11 @@ fn upgrade(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Body> 
                 debug!(ws_id, "socket opened");
                 let limit =
                     RateLimit::new(gateway.config.frames_per_sec, gateway.config.frame_burst);
-                session::run(socket, attachment, limit, gateway.drain.clone()).await;
+                session::run(reader, writer, attachment, limit, gateway.drain.clone()).await;
                 debug!(ws_id, "socket closed");
             }
             Err(reason) => {
-                let frame = CloseFrame {
-                    code: reason.code(),
-                    reason: reason.text().into(),
-                };
-                let _ = socket.close(Some(frame)).await;
+                let _ = writer.close(reason.code().into(), reason.text()).await;
             }
         }
         drop(permit);

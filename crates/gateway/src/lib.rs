@@ -13,12 +13,14 @@
 //! Modules:
 //! - [`http`]: routes, upgrade handshake, admission control.
 //! - [`session`]: one socket's state machine, rate limit, close codes.
+//! - [`frames`]: reading through tungstenite, writing frames without copies.
 //! - [`upstream`]: the links to workers and the WebSocket ID → socket table.
 //! - [`queue`]: a socket's bounded outbound queue and close order.
 //! - [`config`], [`error`]: settings, and the one place errors become close codes.
 
 pub mod config;
 pub mod error;
+pub mod frames;
 pub mod http;
 pub mod queue;
 pub mod session;

@@ -2,35 +2,32 @@
 //!
 //! A single task per socket selects over: the client's frames, the socket's
 //! outbound queue (which also carries the order to close) and the gateway's
-//! drain signal. One task
-//! instead of a reader and a writer keeps an idle socket small; the price is
-//! that while a write to a slow client is blocked we do not read from it,
-//! which only slows that client down.
+//! drain signal. One task instead of a reader and a writer keeps an idle
+//! socket small; the price is that while a write to a slow client is blocked
+//! we do not read from it, which only slows that client down.
 
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
+use futures_util::StreamExt;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::error::CloseReason;
+use crate::frames::{FrameWriter, ReadHalf};
 use crate::queue::Kill;
 use crate::upstream::Attachment;
 
-/// Frames written before one flush: batches a burst into few syscalls.
+/// Frames written in one vectored write: batches a burst into few syscalls.
 const WRITE_BATCH: usize = 64;
 /// How long a close handshake may take before the socket is just dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
+/// The client's frames, parsed and checked by tungstenite.
+pub type Reader = WebSocketStream<ReadHalf>;
 
 /// Token bucket for a socket's inbound frames.
 pub struct RateLimit {
@@ -70,7 +67,8 @@ impl RateLimit {
 
 /// Runs the socket until either side ends it, then tells the worker.
 pub async fn run(
-    mut socket: Socket,
+    mut reader: Reader,
+    mut writer: FrameWriter,
     attachment: Attachment,
     mut limit: RateLimit,
     drain: CancellationToken,
@@ -89,7 +87,7 @@ pub async fn run(
                 // A write to a slow client may block; it must not keep the
                 // socket from being killed or drained.
                 tokio::select! {
-                    written = write_batch(&mut socket, batch) => {
+                    written = writer.text(&batch) => {
                         if written.is_err() {
                             break None;
                         }
@@ -99,7 +97,7 @@ pub async fn run(
                 }
             }
             _ = tokio::time::sleep_until(throttle.unwrap_or_else(Instant::now)), if throttle.is_some() => {}
-            msg = socket.next(), if throttle.is_none() => match msg {
+            msg = reader.next(), if throttle.is_none() => match msg {
                 Some(Ok(Message::Text(text))) => {
                     limit.take();
                     if !link.frame(text.into()).await {
@@ -107,9 +105,18 @@ pub async fn run(
                     }
                 }
                 Some(Ok(Message::Binary(_))) => break Some(CloseReason::Binary.into()),
-                // Pings are answered by tungstenite on the next write or read.
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Close(_))) | None => break None,
+                Some(Ok(Message::Ping(payload))) => {
+                    if writer.pong(&payload).await.is_err() {
+                        break None;
+                    }
+                }
+                Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
+                // Echo the client's close, as RFC 6455 asks.
+                Some(Ok(Message::Close(frame))) => {
+                    let code = frame.map_or(1000, |f| u16::from(f.code));
+                    break Some(Kill { code, reason: String::new() });
+                }
+                None => break None,
                 Some(Err(e)) => match reason_for(&e) {
                     Some(reason) => break Some(reason.into()),
                     None => {
@@ -122,21 +129,9 @@ pub async fn run(
     };
     if let Some(kill) = close {
         debug!(ws_id, code = kill.code, reason = %kill.reason, "closing socket");
-        let frame = CloseFrame {
-            code: CloseCode::from(kill.code),
-            reason: kill.reason.into(),
-        };
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.close(Some(frame))).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.close(kill.code, &kill.reason)).await;
     }
     link.close(&queue).await;
-}
-
-/// Writes a batch of frames, then flushes once.
-async fn write_batch(socket: &mut Socket, batch: Vec<Utf8Bytes>) -> Result<(), WsError> {
-    for text in batch {
-        socket.feed(Message::Text(text)).await?;
-    }
-    socket.flush().await
 }
 
 /// The close we owe the client for a read error, or `None` when the

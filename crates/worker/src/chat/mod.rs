@@ -8,11 +8,10 @@
 //!   has given it an id, so every client sees the log's order;
 //! - close: drop the user; the online list goes to everyone.
 //!
-//! Online-list broadcasts are coalesced: the seed re-sends the whole list to
-//! everyone on every join, which is quadratic in a join storm. We keep the
-//! protocol but send at most one list per interval, longer when the list is
-//! big, so a storm costs a few lists instead of one per join.
+//! Online-list broadcasts are paced by [`pacer`]: the seed re-sends the whole
+//! list on every join, which is quadratic in a join storm.
 
+pub mod pacer;
 pub mod rules;
 
 use std::collections::HashMap;
@@ -26,13 +25,11 @@ use tracing::{debug, warn};
 use crate::app::{Outbox, WebSocketApp, WsId};
 use crate::backplane::{self, Backplane, NewMessage};
 use crate::error::Error;
+use pacer::Pacer;
 use rules::{ClientFrame, DEFAULT_ALIAS};
 
 /// Most messages replayed to a client that reconnects with `since`.
 pub const MAX_REPLAY: usize = 1000;
-/// Throughput allowed for online-list broadcasts (list bytes × sockets per
-/// second). Sets how far apart big lists are spaced in a join storm.
-const USERLIST_BYTES_PER_SEC: f64 = 256.0 * 1024.0 * 1024.0;
 
 pub struct Chat<B> {
     backplane: B,
@@ -46,12 +43,9 @@ pub struct Chat<B> {
 }
 
 struct UserlistState {
-    /// The list changed since it was last sent.
-    dirty: bool,
-    /// The last list sent, for sockets that open while nothing changed.
+    pacer: Pacer,
+    /// The current list, for sockets that open while nothing is pending.
     frame: Option<Bytes>,
-    min_interval: Duration,
-    next_allowed: Instant,
 }
 
 /// What the chat waits for besides socket events.
@@ -70,16 +64,14 @@ impl<B: Backplane> Chat<B> {
             aliases: HashMap::new(),
             last_delivered,
             userlist: UserlistState {
-                dirty: false,
+                pacer: Pacer::new(userlist_interval, Instant::now()),
                 frame: None,
-                min_interval: userlist_interval,
-                next_allowed: Instant::now(),
             },
         }
     }
 
     fn users_changed(&mut self) {
-        self.userlist.dirty = true;
+        self.userlist.pacer.changed(Instant::now());
         self.userlist.frame = None;
     }
 
@@ -88,23 +80,22 @@ impl<B: Backplane> Chat<B> {
             Ok(users) => users,
             Err(e) => {
                 warn!(error = %e, "cannot read the online list");
-                self.userlist.next_allowed = Instant::now() + self.userlist.min_interval;
+                self.userlist.pacer.retry(Instant::now());
                 return;
             }
         };
         let frame = Bytes::from(rules::userlist_frame(&users));
-        let cost = frame.len() as f64 * out.open_sockets() as f64 / USERLIST_BYTES_PER_SEC;
-        let gap = self
-            .userlist
-            .min_interval
-            .max(Duration::from_secs_f64(cost));
+        debug!(
+            users = users.len(),
+            bytes = frame.len(),
+            sockets = out.open_sockets(),
+            "online list sent"
+        );
+        self.userlist
+            .pacer
+            .sent(Instant::now(), frame.len(), out.open_sockets());
         out.broadcast(frame.clone());
-        self.userlist = UserlistState {
-            dirty: false,
-            frame: Some(frame),
-            next_allowed: Instant::now() + gap,
-            ..self.userlist
-        };
+        self.userlist.frame = Some(frame);
     }
 }
 
@@ -134,7 +125,7 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
             Err(e) => warn!(ws_id = ws, error = %e, "cannot read history"),
         }
         // While a list is pending, it will reach this socket too.
-        if !self.userlist.dirty {
+        if !self.userlist.pacer.is_dirty() {
             if self.userlist.frame.is_none() {
                 let users = self.backplane.users().await.unwrap_or_default();
                 self.userlist.frame = Some(rules::userlist_frame(&users).into());
@@ -200,7 +191,7 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
     }
 
     async fn next_event(&mut self) -> ChatEvent {
-        let due = self.userlist.dirty.then_some(self.userlist.next_allowed);
+        let due = self.userlist.pacer.due();
         tokio::select! {
             event = self.backplane.next_event() => ChatEvent::Backplane(event),
             _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {

@@ -1,0 +1,131 @@
+//! When to broadcast the online list: the seed re-sends the whole list to
+//! everyone on every join, which is quadratic — 10,000 joins would send
+//! 10,000 lists of 10,000 names to 10,000 sockets. We keep the protocol (the
+//! whole list, to everyone) but pace it:
+//!
+//! - never more often than `min_interval`;
+//! - after sending a list, wait in proportion to what it cost (list bytes ×
+//!   sockets) so lists never take more than [`BYTES_PER_SEC`];
+//! - once lists are expensive, wait for joins and leaves to pause for
+//!   [`QUIET`] (a join storm then costs one big list at its end), but never
+//!   hold a change back longer than [`MAX_WAIT`].
+//!
+//! Pure bookkeeping over instants; the chat owns the clock.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Upper bound on online-list traffic, in list bytes × recipients per second.
+pub const BYTES_PER_SEC: f64 = 1024.0 * 1024.0 * 1024.0;
+/// A list that cost more than this to send waits for a pause in changes.
+pub const BIG: f64 = 16.0 * 1024.0 * 1024.0;
+/// The pause that ends a storm of joins or leaves.
+pub const QUIET: Duration = Duration::from_millis(300);
+/// Longest a change waits once it is pending (past the rate bound).
+pub const MAX_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+pub struct Pacer {
+    min_interval: Duration,
+    /// When the list first changed after the last send, if it has.
+    dirty_since: Option<Instant>,
+    last_change: Instant,
+    /// Earliest next send, from the rate bound.
+    next_allowed: Instant,
+    /// Bytes × recipients of the last list sent.
+    last_cost: f64,
+}
+
+impl Pacer {
+    pub fn new(min_interval: Duration, now: Instant) -> Self {
+        Pacer {
+            min_interval,
+            dirty_since: None,
+            last_change: now,
+            next_allowed: now,
+            last_cost: 0.0,
+        }
+    }
+
+    pub fn changed(&mut self, now: Instant) {
+        self.dirty_since.get_or_insert(now);
+        self.last_change = now;
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.dirty_since.is_some()
+    }
+
+    /// When the pending change should go out, or `None` if nothing is pending.
+    pub fn due(&self) -> Option<Instant> {
+        let since = self.dirty_since?;
+        let mut at = self.next_allowed;
+        if self.last_cost >= BIG {
+            let quiet = self.last_change + QUIET;
+            at = at.max(quiet.min(since + MAX_WAIT));
+        }
+        Some(at)
+    }
+
+    /// A list of `bytes` went to `recipients` sockets at `now`.
+    pub fn sent(&mut self, now: Instant, bytes: usize, recipients: usize) {
+        let cost = bytes as f64 * recipients as f64;
+        self.dirty_since = None;
+        self.last_cost = cost;
+        let gap = Duration::from_secs_f64(cost / BYTES_PER_SEC);
+        self.next_allowed = now + self.min_interval.max(gap);
+    }
+
+    /// Sending failed; try again after the minimum interval.
+    pub fn retry(&mut self, now: Instant) {
+        self.next_allowed = now + self.min_interval;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn small_lists_go_out_at_the_minimum_interval() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(100 * MS, t0);
+        assert_eq!(p.due(), None);
+        p.changed(t0);
+        assert_eq!(p.due(), Some(t0));
+        p.sent(t0, 100, 10);
+        p.changed(t0 + MS);
+        p.changed(t0 + 50 * MS);
+        assert_eq!(p.due(), Some(t0 + 100 * MS));
+    }
+
+    #[test]
+    fn big_lists_wait_for_a_pause_but_not_forever() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(100 * MS, t0);
+        // 10,000 bytes of names to 2,000 sockets: 20 MB, a big list.
+        p.sent(t0, 10_000, 2_000);
+        let start = t0 + 100 * MS;
+        // Joins keep coming, then pause: the list goes out QUIET after the last.
+        p.changed(start);
+        p.changed(start + 500 * MS);
+        assert_eq!(p.due(), Some(start + 500 * MS + QUIET));
+        // A steady trickle cannot hold it back past MAX_WAIT.
+        p.changed(start + MAX_WAIT);
+        assert_eq!(p.due(), Some(start + MAX_WAIT));
+    }
+
+    #[test]
+    fn huge_lists_are_spaced_by_their_cost() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(100 * MS, t0);
+        // 100 kB of names to 10,000 sockets: 1 GB, about a second of budget.
+        p.sent(t0, 100_000, 10_000);
+        p.changed(t0 + MS);
+        let gap = Duration::from_secs_f64(1e9 / BYTES_PER_SEC);
+        assert_eq!(p.due(), Some(t0 + gap));
+    }
+}
