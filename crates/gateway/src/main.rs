@@ -39,6 +39,9 @@ struct Cli {
     /// Frames one socket may send in a burst.
     #[arg(long, env = "SHAREDCONN_FRAME_BURST", default_value_t = 200)]
     frame_burst: u32,
+    /// Seconds shutdown waits for sockets to close (after SIGTERM).
+    #[arg(long, env = "SHAREDCONN_DRAIN_GRACE_SECS", default_value_t = 5)]
+    drain_grace_secs: u64,
     /// Frames queued for one socket before it is closed as too slow.
     #[arg(long, env = "SHAREDCONN_SOCKET_QUEUE", default_value_t = 1024)]
     socket_queue: usize,
@@ -58,6 +61,7 @@ impl Cli {
         config.frames_per_sec = self.max_frames_per_sec;
         config.frame_burst = self.frame_burst;
         config.socket_queue = self.socket_queue;
+        config.drain_grace = std::time::Duration::from_secs(self.drain_grace_secs);
         config
     }
 }

@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# Builds sharedconn's container images WITHOUT pulling anything from a registry,
+# for machines that have a Debian apt mirror but no Docker Hub:
+#
+#   1. sharedconn/debian-base:bookworm   minbase bookworm made with debootstrap from
+#                                        the machine's apt mirror, `docker import`ed.
+#                                        Skipped when the image already exists.
+#   2. sharedconn:latest                 the runtime image (the final stage of
+#                                        deploy/Dockerfile) on that base, with the
+#                                        host-built target/release/{gateway,worker}.
+#   3. sharedconn/haproxy:local          HAProxy from Debian's package on that base,
+#                                        standing in for the official haproxy image.
+#
+# Then: docker-compose -f docker-compose.yml -f deploy/docker-compose.local.yml up
+#
+# Idempotent: cargo and docker's layer cache make a second run a no-op in seconds.
+# Environment:
+#   SHAREDCONN_IMAGE          runtime image tag        (default sharedconn:latest)
+#   SHAREDCONN_LOCAL_HAPROXY  haproxy image tag        (default sharedconn/haproxy:local)
+#   SHAREDCONN_BASE_IMAGE     base image tag           (default sharedconn/debian-base:bookworm)
+#   DEBIAN_MIRROR             mirror for debootstrap   (default: from /etc/apt/sources.list*)
+#   SHAREDCONN_SKIP_CARGO=1   use target/release/{gateway,worker} as they are
+#   SHAREDCONN_REBUILD_BASE=1 make the base again even if it exists
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac # cargo runs in $ROOT
+SUITE=bookworm
+BASE_IMAGE=${SHAREDCONN_BASE_IMAGE:-sharedconn/debian-base:${SUITE}}
+APP_IMAGE=${SHAREDCONN_IMAGE:-sharedconn:latest}
+HAPROXY_IMAGE=${SHAREDCONN_LOCAL_HAPROXY:-sharedconn/haproxy:local}
+
+log() { echo "local-images: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+elapsed() { echo "$((SECONDS - $1))s"; }
+
+command -v docker >/dev/null || die "docker is not installed"
+docker info >/dev/null 2>&1 || die "cannot reach the docker engine (is it running? may this user use it?)"
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || die "not root and no sudo: debootstrap needs root"
+    sudo="sudo"
+fi
+
+# Temporary directories, removed on exit (the rootfs with care: see make_base).
+cleanup_cmds=()
+cleanup() {
+    local c
+    for c in "${cleanup_cmds[@]}"; do eval "$c"; done
+}
+trap cleanup EXIT
+
+# One build at a time on this machine (two tests starting together, say).
+exec 9>"${TMPDIR:-/tmp}/sharedconn-local-images.lock"
+flock -w 1800 9 || die "another local-images.sh held the lock for 30 minutes"
+
+# --- 1. binaries -------------------------------------------------------------
+if [ "${SHAREDCONN_SKIP_CARGO:-0}" = 1 ]; then
+    log "SHAREDCONN_SKIP_CARGO=1: using the release binaries in $TARGET_DIR as they are"
+else
+    # Cheap when nothing changed (cargo only checks fingerprints); always run so
+    # the images never carry stale binaries.
+    log "cargo build --release (gateway, worker)"
+    t=$SECONDS
+    (cd "$ROOT" && cargo build --release --bins -p sharedconn-gateway -p sharedconn-worker)
+    log "binaries ready in $(elapsed $t)"
+fi
+# The binaries are `gateway` and `worker` in the image whatever cargo names
+# them (`sharedconn-gateway` from the package name, or `gateway`): take the newer.
+release_bin() {
+    local found=""
+    for f in "$TARGET_DIR/release/$1" "$TARGET_DIR/release/sharedconn-$1"; do
+        if [ -x "$f" ] && { [ -z "$found" ] || [ "$f" -nt "$found" ]; }; then
+            found=$f
+        fi
+    done
+    [ -n "$found" ] || die "no target/release/$1 (or sharedconn-$1): build it with cargo build --release"
+    echo "$found"
+}
+GATEWAY_BIN=$(release_bin gateway)
+WORKER_BIN=$(release_bin worker)
+
+# --- 2. the Debian base --------------------------------------------------------
+# The first "deb" URI of the machine's apt configuration whose path ends in
+# /$1: "debian" for Debian itself, "debian-security" for its security updates
+# (third-party repositories do not match).
+find_mirror() {
+    local files=() f
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] && files+=("$f")
+    done
+    [ ${#files[@]} -gt 0 ] || return 0
+    # deb822 "URIs: x" lines and one-line "deb [opts] x suite ..." entries.
+    awk '
+        /^[[:space:]]*#/ { next }
+        /^URIs:/ { for (i = 2; i <= NF; i++) print $i; next }
+        $1 == "deb" { for (i = 2; i <= NF; i++) if ($i !~ /^\[/ && $i !~ /\]$/) { print $i; break } }
+    ' "${files[@]}" | grep -E "^(https?|file)://.*/$1/?\$" | head -n1 | sed 's:/$::'
+}
+
+make_base() {
+    local mirror security rootfs t include=()
+    mirror=${DEBIAN_MIRROR:-$(find_mirror debian)}
+    mirror=${mirror:-http://deb.debian.org/debian}
+    security=$(find_mirror debian-security)
+    # apt in the image checks an https mirror's certificate.
+    case "$mirror" in https://*) include=(--include=ca-certificates) ;; esac
+    log "making $BASE_IMAGE with debootstrap from $mirror"
+    if ! command -v debootstrap >/dev/null; then
+        log "installing debootstrap with apt-get"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
+    fi
+    t=$SECONDS
+    rootfs=$(mktemp -d "${TMPDIR:-/var/tmp}/sharedconn-rootfs.XXXXXX")
+    # debootstrap mounts /proc and friends inside the target; never let rm
+    # cross into a mount left behind by a failed run.
+    cleanup_cmds+=("$sudo umount -R '$rootfs/proc' '$rootfs/sys' '$rootfs/dev/pts' 2>/dev/null || true; $sudo rm -rf --one-file-system '$rootfs'")
+    local out
+    if ! out=$($sudo debootstrap --variant=minbase --components=main "${include[@]}" \
+        "$SUITE" "$rootfs" "$mirror" 2>&1); then
+        echo "$out" | tail -n 40 >&2
+        die "debootstrap failed (its log: $rootfs/debootstrap/debootstrap.log)"
+    fi
+
+    # What the official debian images do for containers: no service starts
+    # during apt-get install, no docs or man pages, no recommends, no apt cache.
+    $sudo tee "$rootfs/usr/sbin/policy-rc.d" >/dev/null <<'EOS'
+#!/bin/sh
+exit 101
+EOS
+    $sudo chmod 755 "$rootfs/usr/sbin/policy-rc.d"
+    $sudo tee "$rootfs/etc/dpkg/dpkg.cfg.d/docker" >/dev/null <<'EOS'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+EOS
+    $sudo tee "$rootfs/etc/apt/apt.conf.d/docker" >/dev/null <<'EOS'
+APT::Install-Recommends "false";
+APT::Install-Suggests "false";
+Acquire::Languages "none";
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+EOS
+    {
+        echo "deb $mirror $SUITE main"
+        echo "deb $mirror $SUITE-updates main"
+        if [ -n "$security" ]; then echo "deb $security $SUITE-security main"; fi
+    } | $sudo tee "$rootfs/etc/apt/sources.list" >/dev/null
+    $sudo rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin \
+        "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/usr/share/doc/*/changelog* \
+        "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/*
+    $sudo tar --numeric-owner --xattrs -C "$rootfs" -c . |
+        docker import \
+            --change 'ENV LANG=C.UTF-8' \
+            --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+            --change 'CMD ["bash"]' \
+            --message "debootstrap --variant=minbase $SUITE $mirror" \
+            - "$BASE_IMAGE" >/dev/null
+    log "base image $BASE_IMAGE ready in $(elapsed $t)"
+}
+
+if [ "${SHAREDCONN_REBUILD_BASE:-0}" != 1 ] && docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+    log "base image $BASE_IMAGE exists: skipping debootstrap"
+else
+    make_base
+fi
+
+# docker build, its output shown only when it fails (the legacy builder's
+# deprecation notice is noise here: BuildKit is not needed). The image the tag
+# pointed to before is removed if nothing else uses it, so rebuilding after
+# every code change does not pile up dangling images.
+quiet_build() {
+    local tag=$1 out old new
+    shift
+    old=$(docker image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
+    if ! out=$(docker build -t "$tag" "$@" 2>&1); then
+        echo "$out" >&2
+        die "docker build -t $tag $* failed"
+    fi
+    new=$(docker image inspect --format '{{.Id}}' "$tag")
+    if [ -n "$old" ] && [ "$old" != "$new" ]; then
+        # Fails, harmlessly, while a container or another tag still uses it.
+        docker rmi "$old" >/dev/null 2>&1 || true
+    fi
+}
+
+# --- 3. runtime image ----------------------------------------------------------
+# A small build context of its own: the repository's target/ is gigabytes and
+# .dockerignore'd anyway.
+t=$SECONDS
+ctx=$(mktemp -d "${TMPDIR:-/tmp}/sharedconn-image.XXXXXX")
+cleanup_cmds+=("rm -rf '$ctx'")
+cp "$GATEWAY_BIN" "$ctx/gateway"
+cp "$WORKER_BIN" "$ctx/worker"
+cp "$ROOT/deploy/healthcheck.sh" "$ROOT/deploy/local/runtime.Dockerfile" "$ctx/"
+quiet_build "$APP_IMAGE" --build-arg "BASE=$BASE_IMAGE" -f "$ctx/runtime.Dockerfile" "$ctx"
+log "runtime image $APP_IMAGE ready in $(elapsed $t)"
+
+# --- 4. haproxy image ------------------------------------------------------------
+t=$SECONDS
+quiet_build "$HAPROXY_IMAGE" --build-arg "BASE=$BASE_IMAGE" \
+    -f "$ROOT/deploy/local/haproxy.Dockerfile" "$ROOT/deploy/local"
+# The config must parse with this HAProxy (Debian's 2.6), not only with the official image's.
+docker run --rm -v "$ROOT/deploy/haproxy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" \
+    "$HAPROXY_IMAGE" haproxy -c -q -f /usr/local/etc/haproxy/haproxy.cfg \
+    || die "deploy/haproxy/haproxy.cfg does not parse with $HAPROXY_IMAGE"
+log "haproxy image $HAPROXY_IMAGE ready in $(elapsed $t) ($(docker run --rm "$HAPROXY_IMAGE" haproxy -v | head -n1))"
+log "done: $APP_IMAGE, $HAPROXY_IMAGE (base $BASE_IMAGE)"
