@@ -43,6 +43,7 @@ both_modes!(
     reconnect_with_since_replays_only_what_was_missed,
     gateway_shutdown_closes_with_1001,
     flooding_client_is_slowed_not_dropped,
+    no_worker_means_a_clear_refusal_until_it_is_back,
 );
 
 async fn status_comes_first_with_a_unique_id(mode: Mode) {
@@ -378,6 +379,43 @@ async fn flooding_client_is_slowed_not_dropped(mode: Mode) {
     // ...and the other client was not queued behind all of it.
     let mine = mine.expect("the other client's message never arrived");
     assert!(mine < N - 1, "arrived after the whole flood ({mine})");
+    cluster.shutdown().await;
+}
+
+async fn no_worker_means_a_clear_refusal_until_it_is_back(mode: Mode) {
+    let mut cluster = Cluster::builder().mode(mode).start().await;
+    cluster.stop_worker().await;
+    let addr = cluster.gateway_addr(0);
+    if mode == Mode::Shared {
+        // The shared link is down, and the gateway says so before upgrading.
+        let deadline = tokio::time::Instant::now() + support::WAIT;
+        while http_get(addr, "/healthz").await.map(|r| r.0) != Some(503) {
+            assert!(tokio::time::Instant::now() < deadline, "healthz still 200");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let err = tokio_tungstenite::connect_async(cluster.ws_url(0))
+            .await
+            .expect_err("upgrade must be refused");
+        match err {
+            tokio_tungstenite::tungstenite::Error::Http(r) => assert_eq!(r.status(), 503),
+            other => panic!("expected HTTP 503, got {other:?}"),
+        }
+    } else {
+        // A private stream is opened per socket: the socket is upgraded and
+        // then closed with 1013 "try again later".
+        let (ws, _) = tokio_tungstenite::connect_async(cluster.ws_url(0))
+            .await
+            .unwrap();
+        let mut c = Client {
+            ws,
+            wsid: String::new(),
+        };
+        assert_eq!(c.ended().await, Ended::Closed(1013));
+    }
+    cluster.start_worker().await;
+    let mut c = Client::connect(&cluster.ws_url(0)).await;
+    c.say("back").await;
+    assert_eq!(c.chats(1).await[0].2, "back");
     cluster.shutdown().await;
 }
 
