@@ -244,10 +244,18 @@ async fn worker_restart_keeps_the_log_and_the_ids(mode: Mode) {
     assert_eq!(a.ended().await, Ended::Closed(1012));
     cluster.start_worker().await;
     let mut b = Client::connect(&cluster.ws_url(0)).await;
+    assert_eq!(b.log, a.log, "the same log after a restart");
     assert_eq!(b.chats(3).await, before, "history after restart");
     b.say("four").await;
     let after = b.chats(1).await;
     assert_eq!(after[0].0, before[2].0 + 1, "ids continue after restart");
+    // A wiped log is a new log: ids start over, under a new name, so clients
+    // holding old ids know to drop them.
+    cluster.wipe_worker().await;
+    let mut c = Client::connect(&cluster.ws_url(0)).await;
+    assert_ne!(c.log, a.log);
+    c.say("fresh").await;
+    assert_eq!(c.chats(1).await[0].0, 1);
     cluster.shutdown().await;
 }
 
@@ -409,6 +417,7 @@ async fn no_worker_means_a_clear_refusal_until_it_is_back(mode: Mode) {
         let mut c = Client {
             ws,
             wsid: String::new(),
+            log: String::new(),
         };
         assert_eq!(c.ended().await, Ended::Closed(1013));
     }

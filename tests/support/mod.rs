@@ -201,6 +201,15 @@ impl Cluster {
         }
     }
 
+    /// Stops the worker, deletes its message log, and starts it again.
+    pub async fn wipe_worker(&mut self) {
+        self.stop_worker().await;
+        for entry in std::fs::read_dir(self.data_dir.path()).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        self.start_worker().await;
+    }
+
     /// Polls `/healthz` of gateway `i` until it answers 200.
     pub async fn wait_ready(&self, i: usize) {
         let addr = self.gateway_addrs[i];
@@ -266,6 +275,8 @@ pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     /// From the Status frame.
     pub wsid: String,
+    /// The message log's name, from the Status frame.
+    pub log: String,
 }
 
 /// How a socket ended, as the client saw it.
@@ -282,17 +293,7 @@ impl Client {
             .await
             .expect("connect timed out")
             .expect("connect failed");
-        let mut client = Client {
-            ws,
-            wsid: String::new(),
-        };
-        let status = client.next().await;
-        assert_eq!(
-            status["Type"], "Status",
-            "first frame must be Status: {status}"
-        );
-        client.wsid = status["WSID"].as_str().expect("WSID").to_owned();
-        client
+        Client::after_handshake(ws).await
     }
 
     /// Connects with a small TCP receive buffer (a client that reads slowly
@@ -318,6 +319,7 @@ impl Client {
         let mut client = Client {
             ws,
             wsid: String::new(),
+            log: String::new(),
         };
         let status = client.next().await;
         assert_eq!(
@@ -325,6 +327,7 @@ impl Client {
             "first frame must be Status: {status}"
         );
         client.wsid = status["WSID"].as_str().expect("WSID").to_owned();
+        client.log = status["Log"].as_str().expect("Log").to_owned();
         client
     }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::mpsc;
 use tracing::{error, info};
 
@@ -20,6 +20,7 @@ use crate::app::WsId;
 use crate::error::Error;
 
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
 /// Posts waiting for the writer. Deep enough to absorb a burst while one
 /// fsync is under way; when full, a post is refused with a clear answer
@@ -42,6 +43,7 @@ pub struct Embedded {
     cache: VecDeque<Arc<StoredMessage>>,
     cache_size: usize,
     last_id: u64,
+    log_id: String,
     /// Alias per socket; `BTreeMap` so the list comes out oldest socket first.
     users: BTreeMap<WsId, String>,
 }
@@ -54,12 +56,24 @@ impl Embedded {
         let db = Arc::new(Database::create(&path)?);
         let txn = db.begin_write()?;
         txn.open_table(MESSAGES)?;
+        let log_id = {
+            let mut meta = txn.open_table(META)?;
+            let existing = meta.get("log_id")?.map(|v| v.value().to_owned());
+            match existing {
+                Some(id) => id,
+                None => {
+                    let id = format!("{:016x}", rand::random::<u64>());
+                    meta.insert("log_id", id.as_str())?;
+                    id
+                }
+            }
+        };
         txn.commit()?;
 
         let cache_size = history.max(MIN_CACHE);
         let cache = read_range(&db, 0, u64::MAX, cache_size)?;
         let last_id = cache.back().map_or(0, |m| m.id);
-        info!(path = %path.display(), last_id, "message log open");
+        info!(path = %path.display(), last_id, log_id, "message log open");
 
         let (posts, queue) = mpsc::channel(POST_QUEUE);
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
@@ -75,6 +89,7 @@ impl Embedded {
             cache,
             cache_size,
             last_id,
+            log_id,
             users: BTreeMap::new(),
         })
     }
@@ -145,6 +160,10 @@ impl Backplane for Embedded {
 
     fn last_id(&self) -> u64 {
         self.last_id
+    }
+
+    fn log_id(&self) -> &str {
+        &self.log_id
     }
 
     async fn next_event(&mut self) -> Event {

@@ -75,6 +75,9 @@ pub trait Backplane: Send + 'static {
     ) -> impl Future<Output = Result<Vec<Arc<StoredMessage>>, Error>> + Send;
     /// The newest id in the log when the backplane was opened.
     fn last_id(&self) -> u64;
+    /// Names this message log: a new log (its data wiped) gets a new name, so
+    /// a client holding ids from the old one knows to drop them.
+    fn log_id(&self) -> &str;
     /// Waits for the next event. Cancel-safe.
     fn next_event(&mut self) -> impl Future<Output = Event> + Send;
 }

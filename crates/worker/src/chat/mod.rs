@@ -103,7 +103,8 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
     type Event = ChatEvent;
 
     async fn on_open(&mut self, ws: WsId, since: u64, out: &mut Outbox<'_>) {
-        out.write(ws, rules::status_frame(&sharedconn_proto::ws_id_string(ws)));
+        let wsid = sharedconn_proto::ws_id_string(ws);
+        out.write(ws, rules::status_frame(&wsid, self.backplane.log_id()));
         if let Err(e) = self.backplane.connect(ws).await {
             warn!(ws_id = ws, error = %e, "cannot record connection");
         }

@@ -108,13 +108,17 @@ struct Status<'a> {
     kind: &'static str,
     #[serde(rename = "WSID")]
     wsid: &'a str,
+    #[serde(rename = "Log")]
+    log: &'a str,
 }
 
-/// `{"Type":"Status","WSID":...}`, the first frame on every socket.
-pub fn status_frame(wsid: &str) -> String {
+/// `{"Type":"Status","WSID":...,"Log":...}`, the first frame on every socket.
+/// `Log` (our addition) names the message log the `ID`s belong to.
+pub fn status_frame(wsid: &str, log: &str) -> String {
     to_json(&Status {
         kind: "Status",
         wsid,
+        log,
     })
 }
 
@@ -240,8 +244,9 @@ mod tests {
         assert_eq!(v["Type"], "Chat");
         assert_eq!(v["ID"], 7);
         assert_eq!(v["Author"], "ann");
-        let v: Value = serde_json::from_str(&status_frame("0000abcd-1")).unwrap();
+        let v: Value = serde_json::from_str(&status_frame("0000abcd-1", "77")).unwrap();
         assert_eq!(v["WSID"], "0000abcd-1");
+        assert_eq!(v["Log"], "77");
         let v: Value = serde_json::from_str(&userlist_frame(&["a".into(), "<b>".into()])).unwrap();
         assert_eq!(v["Users"][1], "<b>");
     }
