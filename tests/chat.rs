@@ -429,6 +429,30 @@ async fn no_worker_means_a_clear_refusal_until_it_is_back(mode: Mode) {
 }
 
 #[tokio::test]
+async fn a_client_that_never_sends_its_request_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::builder()
+        .gateway_config(|c| c.header_read_timeout = std::time::Duration::from_millis(300))
+        .start()
+        .await;
+    let mut s = tokio::net::TcpStream::connect(cluster.gateway_addr(0))
+        .await
+        .unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // The gateway answers 408 or just closes; either way the read ends.
+    tokio::time::timeout(support::WAIT, s.read_to_end(&mut buf))
+        .await
+        .expect("the half-sent request was not dropped")
+        .ok();
+    // Meanwhile everyone else is served.
+    Client::connect(&cluster.ws_url(0)).await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
 async fn http_routes() {
     let cluster = Cluster::builder().start().await;
     let addr = cluster.gateway_addr(0);

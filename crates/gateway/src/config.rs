@@ -57,6 +57,8 @@ pub struct Config {
     pub socket_queue: usize,
     /// How long shutdown waits for sockets to close.
     pub drain_grace: Duration,
+    /// How long a client may take to send its HTTP request head.
+    pub header_read_timeout: Duration,
 }
 
 impl Config {
@@ -71,6 +73,7 @@ impl Config {
             frame_burst: 200,
             socket_queue: 1024,
             drain_grace: Duration::from_secs(5),
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 

@@ -29,10 +29,11 @@ pub mod upstream;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +43,13 @@ use tracing::{debug, info, warn};
 pub use config::{Config, Mode};
 pub use error::Error;
 use upstream::Upstream;
+
+/// Idle time before the kernel probes a silent connection, the gap between
+/// probes, and how many unanswered probes end it: a dead peer is found
+/// within about 90 s.
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const TCP_KEEPALIVE_PROBES: u32 = 3;
 
 /// What every connection of one gateway shares.
 pub struct Gateway {
@@ -96,17 +104,28 @@ pub async fn run(
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
                     warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
         let _ = stream.set_nodelay(true);
+        // A client that vanished without closing (a laptop lid, a dead
+        // network) is found by the kernel, at no cost to an idle socket.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(TCP_KEEPALIVE_IDLE)
+            .with_interval(TCP_KEEPALIVE_INTERVAL)
+            .with_retries(TCP_KEEPALIVE_PROBES);
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
         let gateway = gateway.clone();
         let drain = gateway.drain.clone();
+        let header_timeout = gateway.config.header_read_timeout;
         gateway.tracker.clone().spawn(async move {
             let service = service_fn(move |req| http::handle(gateway.clone(), req));
             let conn = http1::Builder::new()
+                // A client that never finishes its request is dropped.
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(conn);
