@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Frames are shared between sockets by reference count, not copied.
         .bytes(".")
+        // Small codec buffers: private mode has a stream per socket.
+        .codec_path("crate::LinkCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

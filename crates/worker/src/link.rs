@@ -13,6 +13,7 @@ use sharedconn_proto::gateway_event::Event;
 use sharedconn_proto::worker_server::{Worker, WorkerServer};
 use sharedconn_proto::{GatewayEvent, Mode, WorkerCommand};
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
@@ -92,7 +93,7 @@ impl Worker for LinkService {
             events,
             self.inbox.clone(),
         ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
     }
 }
 

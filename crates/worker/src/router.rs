@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use sharedconn_proto::{Deliver, Disconnect, WorkerCommand, worker_command::Command};
 use tokio::sync::mpsc;
-use tonic::Status;
 use tracing::warn;
 
 use crate::app::WsId;
@@ -17,8 +16,9 @@ use crate::app::WsId;
 /// Identifies one link stream for the life of the worker process.
 pub type StreamId = u64;
 
-/// What the runtime pushes into a stream's response.
-pub type StreamTx = mpsc::Sender<Result<WorkerCommand, Status>>;
+/// What the runtime pushes into a stream's response. Plain commands, not
+/// `Result`s: a `Status` would make every queue slot several times bigger.
+pub type StreamTx = mpsc::Sender<WorkerCommand>;
 
 struct Stream {
     tx: StreamTx,
@@ -158,7 +158,7 @@ impl Router {
         let message = WorkerCommand {
             command: Some(command),
         };
-        match s.tx.try_send(Ok(message)) {
+        match s.tx.try_send(message) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 warn!(

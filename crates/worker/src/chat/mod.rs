@@ -238,7 +238,7 @@ mod tests {
     ) -> (
         Chat<Embedded>,
         Router,
-        mpsc::Receiver<Result<sharedconn_proto::WorkerCommand, tonic::Status>>,
+        mpsc::Receiver<sharedconn_proto::WorkerCommand>,
     ) {
         let chat = Chat::new(
             Embedded::open(dir, 50).unwrap(),
@@ -251,11 +251,9 @@ mod tests {
         (chat, router, rx)
     }
 
-    fn userlists(
-        rx: &mut mpsc::Receiver<Result<sharedconn_proto::WorkerCommand, tonic::Status>>,
-    ) -> Vec<String> {
+    fn userlists(rx: &mut mpsc::Receiver<sharedconn_proto::WorkerCommand>) -> Vec<String> {
         let mut lists = Vec::new();
-        while let Ok(Ok(cmd)) = rx.try_recv() {
+        while let Ok(cmd) = rx.try_recv() {
             if let Some(Command::Deliver(d)) = cmd.command {
                 let text = String::from_utf8(d.text.to_vec()).unwrap();
                 if text.contains("\"userlist\"") {
