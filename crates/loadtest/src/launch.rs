@@ -1,0 +1,338 @@
+//! Starting and stopping the servers `compare` measures, each in its own
+//! process so its CPU and memory are its own: the baseline
+//! (`loadtest baseline`), or a worker and its gateway(s) in shared or private
+//! mode. Each gets a free port chosen here, a log file in the output
+//! directory, and is ready when `/healthz` answers 200 (the worker: when its
+//! port accepts). Stopping sends SIGTERM, waits for a drain, then kills.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tracing::{info, warn};
+
+use crate::cli::Mode;
+use crate::procstat::Watched;
+
+/// How long a stopped server may drain before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// What `compare` needs to start servers.
+#[derive(Debug, Clone)]
+pub struct LaunchConfig {
+    /// Where `gateway` and `worker` are.
+    pub bin_dir: PathBuf,
+    /// This binary, for `loadtest baseline`.
+    pub loadtest_exe: PathBuf,
+    /// Gateway (or baseline, where asked) processes per mode.
+    pub gateways: usize,
+    pub max_frames_per_sec: Option<u32>,
+    pub gateway_args: Vec<String>,
+    pub worker_args: Vec<String>,
+    pub startup_timeout: Duration,
+    pub log_dir: PathBuf,
+}
+
+/// One started process.
+struct Server {
+    role: &'static str,
+    child: Child,
+    pid: u32,
+    log: PathBuf,
+}
+
+/// The servers of one mode for one run.
+pub struct Stack {
+    pub urls: Vec<String>,
+    pub watched: Vec<Watched>,
+    /// Stopped in this order (gateways before their worker).
+    servers: Vec<Server>,
+    _data_dir: Option<tempfile::TempDir>,
+}
+
+/// A free TCP port on 127.0.0.1 (free now; the server binds it next).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Stack {
+    /// Servers someone else runs, at `urls`, measured by `watched`.
+    pub fn external(urls: Vec<String>, watched: Vec<Watched>) -> Stack {
+        Stack {
+            urls,
+            watched,
+            servers: Vec::new(),
+            _data_dir: None,
+        }
+    }
+
+    /// Starts `mode`'s servers; `processes` baselines or gateways. `tag` names
+    /// the log files.
+    pub async fn start(
+        mode: Mode,
+        cfg: &LaunchConfig,
+        processes: usize,
+        tag: &str,
+    ) -> anyhow::Result<Stack> {
+        std::fs::create_dir_all(&cfg.log_dir)
+            .with_context(|| format!("creating {}", cfg.log_dir.display()))?;
+        let mut stack = Stack::external(Vec::new(), Vec::new());
+        let started = match mode {
+            Mode::Baseline => stack.start_baselines(cfg, processes, tag).await,
+            Mode::Shared | Mode::Private => stack.start_sharedconn(mode, cfg, processes, tag).await,
+        };
+        if let Err(e) = started {
+            stack.stop().await;
+            return Err(e);
+        }
+        Ok(stack)
+    }
+
+    async fn start_baselines(
+        &mut self,
+        cfg: &LaunchConfig,
+        n: usize,
+        tag: &str,
+    ) -> anyhow::Result<()> {
+        for k in 0..n.max(1) {
+            let port = free_port()?;
+            let mut cmd = Command::new(&cfg.loadtest_exe);
+            cmd.args([
+                "--quiet",
+                "baseline",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ]);
+            let log = cfg.log_dir.join(format!("{tag}-baseline{k}.log"));
+            self.spawn("baseline", cmd, &log)?;
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            wait_ready(
+                self.servers.last_mut().expect("just spawned"),
+                addr,
+                true,
+                cfg.startup_timeout,
+            )
+            .await?;
+            self.urls.push(format!("ws://127.0.0.1:{port}/ws"));
+        }
+        Ok(())
+    }
+
+    async fn start_sharedconn(
+        &mut self,
+        mode: Mode,
+        cfg: &LaunchConfig,
+        n: usize,
+        tag: &str,
+    ) -> anyhow::Result<()> {
+        let worker_bin = binary(&cfg.bin_dir, "worker")?;
+        let gateway_bin = binary(&cfg.bin_dir, "gateway")?;
+        let data_dir = tempfile::Builder::new()
+            .prefix("loadtest-worker-")
+            .tempdir()
+            .context("creating the worker's data dir")?;
+        let wport = free_port()?;
+        let mut cmd = Command::new(worker_bin);
+        cmd.args(["--listen", &format!("127.0.0.1:{wport}")])
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .args(&cfg.worker_args);
+        self.spawn(
+            "worker",
+            cmd,
+            &cfg.log_dir.join(format!("{tag}-worker.log")),
+        )?;
+        self._data_dir = Some(data_dir);
+        let waddr: SocketAddr = ([127, 0, 0, 1], wport).into();
+        wait_ready(
+            self.servers.last_mut().expect("just spawned"),
+            waddr,
+            false,
+            cfg.startup_timeout,
+        )
+        .await?;
+
+        let mut gateways = Vec::new();
+        for k in 0..n.max(1) {
+            let port = free_port()?;
+            let mut cmd = Command::new(&gateway_bin);
+            cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--worker", &format!("http://127.0.0.1:{wport}")])
+                .args(["--mode", mode.name()]);
+            if let Some(limit) = cfg.max_frames_per_sec {
+                cmd.args(["--max-frames-per-sec", &limit.to_string()]);
+            }
+            cmd.args(&cfg.gateway_args);
+            self.spawn(
+                "gateway",
+                cmd,
+                &cfg.log_dir.join(format!("{tag}-gateway{k}.log")),
+            )?;
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            wait_ready(
+                self.servers.last_mut().expect("just spawned"),
+                addr,
+                true,
+                cfg.startup_timeout,
+            )
+            .await?;
+            gateways.push(port);
+        }
+        self.urls = gateways
+            .iter()
+            .map(|p| format!("ws://127.0.0.1:{p}/ws"))
+            .collect();
+        // Gateways first, so they stop before the worker they drain into.
+        self.servers.rotate_left(1);
+        Ok(())
+    }
+
+    fn spawn(&mut self, role: &'static str, mut cmd: Command, log: &Path) -> anyhow::Result<()> {
+        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {role} ({:?})", cmd.as_std().get_program()))?;
+        let pid = child.id().context("started process has no pid")?;
+        info!(role, pid, log = %log.display(), "started");
+        self.watched.push(Watched::new(role, pid));
+        self.servers.push(Server {
+            role,
+            child,
+            pid,
+            log: log.to_path_buf(),
+        });
+        Ok(())
+    }
+
+    /// SIGTERM to each server in order, a drain of up to [`STOP_GRACE`], then
+    /// SIGKILL. Says so when a server needed the kill or exited badly.
+    pub async fn stop(mut self) {
+        for server in &mut self.servers {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                warn!(role = server.role, pid = server.pid, %status, log = %server.log.display(), "server had already exited");
+                continue;
+            }
+            let _ = crate::sys::send_signal(server.pid, libc::SIGTERM);
+            let began = Instant::now();
+            match tokio::time::timeout(STOP_GRACE, server.child.wait()).await {
+                Ok(Ok(status)) if status.success() => {
+                    info!(
+                        role = server.role,
+                        pid = server.pid,
+                        secs = began.elapsed().as_secs_f64(),
+                        "stopped"
+                    )
+                }
+                Ok(Ok(status)) => {
+                    warn!(role = server.role, pid = server.pid, %status, log = %server.log.display(), "server exited badly on SIGTERM")
+                }
+                Ok(Err(e)) => warn!(role = server.role, error = %e, "waiting for server"),
+                Err(_) => {
+                    warn!(
+                        role = server.role,
+                        pid = server.pid,
+                        "no exit within the grace period after SIGTERM; killing"
+                    );
+                    let _ = server.child.kill().await;
+                }
+            }
+        }
+    }
+}
+
+/// `dir/NAME`, or `dir/sharedconn-NAME` (the default name of the crate's
+/// binary).
+fn binary(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    for candidate in [name.to_string(), format!("sharedconn-{name}")] {
+        let path = dir.join(candidate);
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
+    bail!(
+        "neither {name} nor sharedconn-{name} found in {}: build them with `cargo build --release` \
+         (or pass --bin-dir, or a --shared-url/--private-url of a running gateway)",
+        dir.display()
+    )
+}
+
+/// Waits until `addr` accepts (and, with `healthz`, answers 200 on
+/// `/healthz`), failing early if the process exits.
+async fn wait_ready(
+    server: &mut Server,
+    addr: SocketAddr,
+    healthz: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = server.child.try_wait()? {
+            bail!(
+                "{} exited during startup ({status}); log {}:\n{}",
+                server.role,
+                server.log.display(),
+                log_tail(&server.log)
+            );
+        }
+        let ready = if healthz {
+            health_ok(addr).await
+        } else {
+            TcpStream::connect(addr).await.is_ok()
+        };
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{} not ready on {addr} within {timeout:?}; log {}:\n{}",
+                server.role,
+                server.log.display(),
+                log_tail(&server.log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `GET /healthz` answered with 200.
+pub async fn health_ok(addr: SocketAddr) -> bool {
+    let check = async {
+        let mut tcp = TcpStream::connect(addr).await.ok()?;
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut head = [0u8; 16];
+        tcp.read_exact(&mut head).await.ok()?;
+        Some(head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200"))
+    };
+    tokio::time::timeout(Duration::from_secs(2), check)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+/// The last few KiB of a log, for error messages.
+fn log_tail(path: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(3000)));
+        let mut bytes = Vec::new();
+        let _ = f.read_to_end(&mut bytes);
+        text = String::from_utf8_lossy(&bytes).into_owned();
+    }
+    text
+}

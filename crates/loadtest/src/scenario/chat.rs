@@ -1,0 +1,458 @@
+//! `chat`: C clients connect (paced) and set aliases; S of them send at an
+//! aggregate rate R for D seconds; every client accounts every Chat frame it
+//! receives (see [`crate::tracker`]).
+//!
+//! Phases, each with a deadline: connect → settle (userlist traffic from the
+//! joins dies down) → send → drain (until every expected delivery arrived, or
+//! nothing arrived for [`DRAIN_QUIET`], or `--drain` passed). Server CPU is
+//! measured from the start of sending to the end of the drain.
+//!
+//! Each client is one task. A sender's socket is split: the reader and the
+//! paced writer are two futures of that task, so reading never waits for a
+//! write, and per frame the reader only classifies, parses the marker and
+//! updates its own tally.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::sync::{Semaphore, watch};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::{
+    CloseLog, ConnectTally, Setup, close_reason, join_all, seconds, spawn_paced, unix_nanos,
+    wait_until,
+};
+use crate::cli::ChatArgs;
+use crate::client::{self, Ws};
+use crate::procstat::{Monitor, cpu_of};
+use crate::progress::Progress;
+use crate::report::{ChatReport, Latency, SERVER_ROLES};
+use crate::tracker::{ClientTally, MAX_EXPECTED_DELIVERIES, RunBook, Totals};
+use crate::wire::{self, ChatFrame, FrameKind, Marker};
+
+/// The drain ends early when no delivery arrived for this long: the rest is
+/// lost, not late.
+const DRAIN_QUIET: Duration = Duration::from_secs(2);
+
+/// How long a client's close frame may take at the end.
+const CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
+
+struct Ctx {
+    setup: Setup,
+    book: RunBook,
+    senders: usize,
+    rate: f64,
+    pad: usize,
+    alias_prefix: String,
+    connect_slots: Semaphore,
+    connect: ConnectTally,
+    stop: CancellationToken,
+    sent: AtomicU64,
+    writers_done: AtomicUsize,
+    lag_max_us: AtomicU64,
+    error_frames: AtomicU64,
+    first_error_frame: Mutex<Option<String>>,
+    closes: CloseLog,
+}
+
+/// Runs the scenario against `setup` and reports.
+pub async fn run(setup: &Setup, args: &ChatArgs) -> anyhow::Result<ChatReport> {
+    ensure!(args.clients > 0, "--clients must be at least 1");
+    ensure!(
+        (1..=args.clients).contains(&args.senders),
+        "--senders must be between 1 and --clients"
+    );
+    ensure!(
+        args.rate.is_finite() && args.rate > 0.0 && args.rate <= 10_000_000.0,
+        "--rate must be a positive number of messages per second"
+    );
+    let duration = seconds("duration", args.duration, 3600.0)?;
+    let settle = seconds("settle", args.settle, 600.0)?;
+    let drain = seconds("drain", args.drain, 600.0)?;
+    ensure!(args.connect_rate > 0.0, "--connect-rate must be positive");
+    ensure!(
+        args.connect_concurrency > 0,
+        "--connect-concurrency must be positive"
+    );
+    ensure!(
+        args.pad <= 60_000,
+        "--pad must stay under the servers' frame limit"
+    );
+    let planned = ((args.rate * args.duration).round() as u64).max(1);
+    ensure!(
+        planned.saturating_mul(args.clients as u64) <= MAX_EXPECTED_DELIVERIES,
+        "{} clients x {planned} messages is too many deliveries to account for in memory; \
+         lower --clients, --rate or --duration",
+        args.clients
+    );
+    crate::net::ensure_fd_budget(args.clients)?;
+    let per_sender = args.rate / args.senders as f64;
+    if per_sender > 90.0 {
+        info!(
+            per_sender,
+            "each sender sends more than ~90 msg/s; a gateway with the default \
+             --max-frames-per-sec may refuse some"
+        );
+    }
+
+    let run_id = super::new_run_id();
+    let started = Instant::now();
+    let ctx = Arc::new(Ctx {
+        setup: setup.clone(),
+        book: RunBook::new(run_id, args.senders as u32, planned),
+        senders: args.senders,
+        rate: args.rate,
+        pad: args.pad,
+        alias_prefix: format!("c{run_id}-"),
+        connect_slots: Semaphore::new(args.connect_concurrency),
+        connect: ConnectTally::new(started),
+        stop: CancellationToken::new(),
+        sent: AtomicU64::new(0),
+        writers_done: AtomicUsize::new(0),
+        lag_max_us: AtomicU64::new(0),
+        error_frames: AtomicU64::new(0),
+        first_error_frame: Mutex::new(None),
+        closes: CloseLog::default(),
+    });
+    let monitor = Monitor::start(setup.watched_with_self());
+    let (go_tx, go_rx) = watch::channel(None::<tokio::time::Instant>);
+    let progress = Progress::new(setup.quiet, "connect", args.clients as u64);
+
+    // Connect.
+    let spawner = {
+        let ctx = Arc::clone(&ctx);
+        spawn_paced(
+            args.clients,
+            Some(args.connect_rate),
+            ctx.stop.clone(),
+            move |i| client_task(i, Arc::clone(&ctx), go_rx.clone()),
+        )
+    };
+    let connect_deadline = started
+        + Duration::from_secs_f64(args.clients as f64 / args.connect_rate)
+        + setup.connect_timeout
+        + Duration::from_secs(5);
+    wait_until(
+        connect_deadline,
+        || ctx.connect.done() >= args.clients,
+        || progress.set(ctx.connect.done() as u64),
+    )
+    .await;
+    let connect = ctx.connect.report(args.clients);
+    let connected = ctx.connect.connected();
+    if connected == 0 {
+        ctx.stop.cancel();
+        progress.finish();
+        anyhow::bail!(
+            "no client connected to {}: {}",
+            setup.urls().join(", "),
+            connect.first_error.unwrap_or_default()
+        );
+    }
+
+    // Settle.
+    progress.set_phase("settle", settle.as_millis() as u64);
+    let settle_end = Instant::now() + settle;
+    wait_until(
+        settle_end,
+        || false,
+        || {
+            progress.set(
+                settle
+                    .saturating_sub(settle_end.saturating_duration_since(Instant::now()))
+                    .as_millis() as u64,
+            )
+        },
+    )
+    .await;
+
+    // Send.
+    let mut monitor = monitor;
+    monitor.mark_cpu_start();
+    let send_start_nanos = unix_nanos();
+    let send_start = Instant::now();
+    let _ = go_tx.send(Some(tokio::time::Instant::now()));
+    progress.set_phase("send", duration.as_millis() as u64);
+    wait_until(
+        send_start + duration + Duration::from_secs(5),
+        || {
+            ctx.writers_done.load(Ordering::Relaxed) >= args.senders
+                && send_start.elapsed() >= duration
+        },
+        || {
+            progress.set(send_start.elapsed().min(duration).as_millis() as u64);
+            progress.message(format!(
+                "sent {} delivered {}",
+                ctx.sent.load(Ordering::Relaxed),
+                ctx.book.delivered()
+            ));
+        },
+    )
+    .await;
+
+    // Drain.
+    let sent = ctx.sent.load(Ordering::Relaxed);
+    let expected = sent * connected as u64;
+    progress.set_phase("drain", expected);
+    let drain_deadline = Instant::now() + drain;
+    let mut last = (ctx.book.delivered(), Instant::now());
+    wait_until(
+        drain_deadline,
+        || {
+            let now = ctx.book.delivered();
+            if now != last.0 {
+                last = (now, Instant::now());
+            }
+            now >= expected || last.1.elapsed() >= DRAIN_QUIET
+        },
+        || progress.set(ctx.book.delivered()),
+    )
+    .await;
+    let procs = monitor.finish(false).await;
+
+    // Stop and collect.
+    ctx.stop.cancel();
+    progress.finish();
+    let handles = spawner.await.context("client spawner failed")?;
+    let mut totals = Totals::default();
+    for tally in join_all(handles).await?.into_iter().flatten() {
+        totals.add(&tally);
+    }
+    let latency = Latency::from_histogram(&ctx.book.latency());
+    let window_secs = totals
+        .last_recv_nanos
+        .map(|last| last.saturating_sub(send_start_nanos) as f64 / 1e9)
+        .unwrap_or_default();
+    let server_cpu = cpu_of(&procs, &SERVER_ROLES);
+    let measured_servers = procs.iter().any(|p| p.role != "loadtest");
+    Ok(ChatReport {
+        urls: setup.urls(),
+        clients: args.clients,
+        senders: args.senders,
+        rate: args.rate,
+        duration_secs: args.duration,
+        pad: args.pad,
+        connect,
+        planned,
+        sent,
+        deliveries_expected: expected,
+        deliveries_received: totals.received,
+        loss: expected.saturating_sub(totals.received),
+        loss_ratio: if expected > 0 {
+            expected.saturating_sub(totals.received) as f64 / expected as f64
+        } else {
+            0.0
+        },
+        duplicates: totals.duplicates,
+        one_order: totals.one_order(),
+        order_violations: totals.order_violations,
+        id_conflicts: totals.id_conflicts,
+        missing_ids: totals.missing_ids,
+        foreign_frames: totals.foreign,
+        error_frames: ctx.error_frames.load(Ordering::Relaxed),
+        first_error_frame: ctx
+            .first_error_frame
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
+        closed_by_server: ctx.closes.closed(),
+        deliveries_per_sec: if window_secs > 0.0 {
+            totals.received as f64 / window_secs
+        } else {
+            0.0
+        },
+        delivery_window_secs: window_secs,
+        sender_lag_max_ms: ctx.lag_max_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        latency,
+        server_cpu_seconds: server_cpu,
+        server_cpu_us_per_delivery: (measured_servers && totals.received > 0)
+            .then(|| server_cpu * 1e6 / totals.received as f64),
+        loadtest_cpu_seconds: cpu_of(&procs, &["loadtest"]),
+        processes: procs,
+    })
+}
+
+/// One client from connect to close. Returns its tally, or `None` if it
+/// never connected.
+async fn client_task(
+    i: usize,
+    ctx: Arc<Ctx>,
+    go: watch::Receiver<Option<tokio::time::Instant>>,
+) -> Option<ClientTally> {
+    let tally = client_session(i, &ctx, go).await;
+    if tally.is_none() && i < ctx.senders {
+        // A sender that never got to send is done too.
+        ctx.writers_done.fetch_add(1, Ordering::Relaxed);
+    }
+    tally
+}
+
+async fn client_session(
+    i: usize,
+    ctx: &Ctx,
+    mut go: watch::Receiver<Option<tokio::time::Instant>>,
+) -> Option<ClientTally> {
+    let permit = ctx.connect_slots.acquire().await.ok()?;
+    // Clients that would join after sending began are not part of the run.
+    if ctx.stop.is_cancelled() || go.borrow().is_some() {
+        return None;
+    }
+    let connected = client::connect(
+        ctx.setup.target(i),
+        ctx.setup.source(i),
+        ctx.setup.connect_timeout,
+    )
+    .await;
+    drop(permit);
+    let mut ws = match connected {
+        Ok((ws, _wsid)) => ws,
+        Err(e) => {
+            ctx.connect.fail(&e);
+            return None;
+        }
+    };
+    if go.borrow().is_some() {
+        ctx.connect
+            .fail(&anyhow::anyhow!("connected only after sending began"));
+        close_quietly(ws).await;
+        return None;
+    }
+    let alias = format!("{}{i}", ctx.alias_prefix);
+    if let Err(e) = ws.send(Message::text(wire::alias_frame(&alias))).await {
+        ctx.connect
+            .fail(&anyhow::Error::new(e).context("setting the alias"));
+        return None;
+    }
+    ctx.connect.ok();
+
+    let mut tally = ClientTally::new(&ctx.book);
+    let ws: Ws = if i < ctx.senders {
+        let (mut sink, mut stream) = ws.split();
+        tokio::join!(
+            read_loop(i, ctx, &mut stream, &mut tally),
+            send_loop(i, ctx, &mut sink, &alias, &mut go),
+        );
+        stream.reunite(sink).expect("halves of one socket")
+    } else {
+        read_loop(i, ctx, &mut ws, &mut tally).await;
+        ws
+    };
+    close_quietly(ws).await;
+    tally.shrink();
+    Some(tally)
+}
+
+pub(crate) async fn close_quietly(mut ws: Ws) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
+}
+
+/// Reads until the run stops or the server closes the socket.
+async fn read_loop<S>(i: usize, ctx: &Ctx, stream: &mut S, tally: &mut ClientTally)
+where
+    S: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let stopped = ctx.stop.cancelled();
+    tokio::pin!(stopped);
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = &mut stopped => return,
+            frame = stream.next() => frame,
+        };
+        match frame {
+            Some(Ok(Message::Text(text))) => match wire::frame_kind(&text) {
+                FrameKind::Chat => {
+                    let now = unix_nanos();
+                    match serde_json::from_str::<ChatFrame<'_>>(&text) {
+                        Ok(chat) => tally.on_chat(
+                            &ctx.book,
+                            i,
+                            Marker::from_base64(&chat.message),
+                            chat.id,
+                            now,
+                        ),
+                        Err(_) => tally.foreign += 1,
+                    }
+                }
+                FrameKind::Error => {
+                    ctx.error_frames.fetch_add(1, Ordering::Relaxed);
+                    let mut first = ctx
+                        .first_error_frame
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    if first.is_none() {
+                        *first = Some(wire::error_text(&text));
+                    }
+                }
+                _ => {}
+            },
+            Some(Ok(Message::Close(frame))) => {
+                ctx.closes.record(close_reason(frame.as_ref()));
+                return;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                ctx.closes.record(format!("read error: {e}"));
+                return;
+            }
+            None => {
+                ctx.closes.record("connection ended without close".into());
+                return;
+            }
+        }
+    }
+}
+
+/// Sends this sender's share of the plan on schedule: message `g = seq *
+/// senders + i` is due `g / rate` seconds after the start, so senders take
+/// turns and the aggregate rate is even.
+async fn send_loop<K>(
+    i: usize,
+    ctx: &Ctx,
+    sink: &mut K,
+    alias: &str,
+    go: &mut watch::Receiver<Option<tokio::time::Instant>>,
+) where
+    K: Sink<Message, Error = WsError> + Unpin,
+{
+    let start = tokio::select! {
+        start = go.wait_for(Option::is_some) => start.ok().and_then(|s| *s),
+        _ = ctx.stop.cancelled() => None,
+    };
+    if let Some(start) = start {
+        let senders = ctx.senders as u64;
+        let mut seq: u32 = 0;
+        loop {
+            let g = u64::from(seq) * senders + i as u64;
+            if g >= ctx.book.planned {
+                break;
+            }
+            let due = start + Duration::from_secs_f64(g as f64 / ctx.rate);
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                _ = ctx.stop.cancelled() => break,
+            }
+            let lag = tokio::time::Instant::now().saturating_duration_since(due);
+            ctx.lag_max_us
+                .fetch_max(lag.as_micros() as u64, Ordering::Relaxed);
+            let marker = Marker {
+                run: ctx.book.run,
+                sender: i as u32,
+                seq,
+                sent_nanos: unix_nanos(),
+            };
+            let frame = wire::post_frame(&marker.text(ctx.pad), alias);
+            if sink.send(Message::text(frame)).await.is_err() {
+                break;
+            }
+            ctx.sent.fetch_add(1, Ordering::Relaxed);
+            seq += 1;
+        }
+    }
+    ctx.writers_done.fetch_add(1, Ordering::Relaxed);
+}
