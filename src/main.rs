@@ -43,8 +43,7 @@ async fn main() -> anyhow::Result<()> {
     let mut gateway_config = sharedconn_gateway::Config::new(vec![worker_url]);
     gateway_config.mode = cli.mode;
     gateway_config.validate().context("invalid configuration")?;
-    let listener = tokio::net::TcpListener::bind(cli.listen)
-        .await
+    let listener = sharedconn_common::listen(cli.listen)
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
 
     // The gateway drains first (its sockets close with 1001), then the worker.

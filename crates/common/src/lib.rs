@@ -1,6 +1,26 @@
 //! Process plumbing shared by the sharedconn binaries.
 
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpSocket};
 use tracing::info;
+
+/// Accept queue length. tokio's `TcpListener::bind` asks for far less, which
+/// a join storm overflows at once: the kernel drops the SYNs and the clients
+/// retry only after a 1 s timeout. The kernel caps it at `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a TCP listener with a [`LISTEN_BACKLOG`] accept queue.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`); colours only
 /// when stderr is a terminal (not in `docker logs` or files).

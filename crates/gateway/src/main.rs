@@ -73,9 +73,8 @@ async fn main() -> anyhow::Result<()> {
     let listen = cli.listen;
     let config = cli.config();
     config.validate().context("invalid configuration")?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener =
+        sharedconn_common::listen(listen).with_context(|| format!("cannot listen on {listen}"))?;
     sharedconn_gateway::run(listener, config, sharedconn_common::shutdown_signal())
         .await
         .context("gateway failed")

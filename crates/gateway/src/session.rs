@@ -75,11 +75,15 @@ pub async fn run(
 ) {
     let Attachment { link, queue } = attachment;
     let ws_id = link.ws_id;
+    // One waiter for the whole session: the token is shared by every socket,
+    // and a fresh `cancelled()` each turn would lock its waiter list each turn.
+    let drained = drain.cancelled_owned();
+    tokio::pin!(drained);
     let close: Option<Kill> = loop {
         let throttle = limit.wait_until();
         let mut batch = Vec::new();
         tokio::select! {
-            _ = drain.cancelled() => break Some(CloseReason::GoingAway.into()),
+            _ = &mut drained => break Some(CloseReason::GoingAway.into()),
             next = queue.next(&mut batch, WRITE_BATCH) => {
                 if let Err(kill) = next {
                     break Some(kill);
@@ -93,7 +97,7 @@ pub async fn run(
                         }
                     }
                     kill = queue.killed() => break Some(kill),
-                    _ = drain.cancelled() => break Some(CloseReason::GoingAway.into()),
+                    _ = &mut drained => break Some(CloseReason::GoingAway.into()),
                 }
             }
             _ = tokio::time::sleep_until(throttle.unwrap_or_else(Instant::now)), if throttle.is_some() => {}

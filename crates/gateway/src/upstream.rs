@@ -333,6 +333,11 @@ async fn pump_private(mut commands: tonic::Streaming<WorkerCommand>, queue: Arc<
                 };
             }
             Ok(Some(_)) => {}
+            // The worker cut this socket's stream: its queue there overflowed
+            // because the socket was not read fast enough.
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                break Kill::from(CloseReason::TooSlow);
+            }
             Ok(None) | Err(_) => break Kill::from(CloseReason::WorkerLost),
         }
     };
@@ -417,6 +422,10 @@ async fn run_link(worker: &WorkerLink, gateway_tag: u32) -> bool {
             ),
             Ok(Some(_)) => {}
             Ok(None) => return true,
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                warn!(worker = %worker.url, "worker cut the link: this gateway fell behind");
+                return true;
+            }
             Err(status) => {
                 debug!(worker = %worker.url, %status, "link ended");
                 return true;

@@ -24,7 +24,6 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,7 +41,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -92,22 +91,8 @@ const USERLIST_BIG: f64 = 16.0 * 1024.0 * 1024.0;
 const USERLIST_QUIET: Duration = Duration::from_millis(300);
 const USERLIST_MAX_WAIT: Duration = Duration::from_secs(5);
 
-/// Accept queue length. tokio's `TcpListener::bind` asks for 128, which a join
-/// storm overflows at once: the kernel drops the SYNs and the clients retry
-/// only after a 1 s timeout. The kernel caps this at `net.core.somaxconn`.
-pub const LISTEN_BACKLOG: u32 = 4096;
-
-/// Binds a listener with a [`LISTEN_BACKLOG`] accept queue.
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
-}
+/// Binds with the same accept queue as the gateway.
+pub use sharedconn_common::listen as bind;
 
 /// Settings of the baseline server.
 #[derive(Debug, Clone)]

@@ -33,11 +33,25 @@ pub mod runtime;
 use std::future::Future;
 
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 pub use config::Config;
 pub use error::Error;
+
+/// Accepted gateway connections, without Nagle's delay: a private-mode
+/// stream carries one socket's small frames, which Nagle would hold back
+/// waiting for acknowledgements.
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    })
+}
 
 /// Serves the worker on `listener` until `shutdown` completes, then ends every
 /// link stream (gateways reconnect elsewhere or later) and flushes the log.
@@ -60,7 +74,7 @@ pub async fn run(
         .max_concurrent_streams(Some(link::MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming(listener), async move {
             shutdown.await;
             info!("worker draining");
             // Ending the runtime drops every response stream, which lets the

@@ -12,8 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use sharedconn_proto::gateway_event::Event;
 use sharedconn_proto::worker_server::{Worker, WorkerServer};
 use sharedconn_proto::{GatewayEvent, Mode, WorkerCommand};
-use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
+use std::future::Future;
+use std::task::{Context, Poll};
+
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
@@ -26,7 +28,7 @@ use crate::runtime::Input;
 /// when it is full the stream is cut (see `Router::push`).
 pub const STREAM_QUEUE: usize = 8192;
 /// A private stream carries one socket, so it needs far less.
-pub const PRIVATE_STREAM_QUEUE: usize = 256;
+pub const PRIVATE_STREAM_QUEUE: usize = 1024;
 /// Private mode opens one stream per browser socket on one HTTP/2 connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 1 << 20;
 /// Largest gRPC message we accept: a frame is at most 64 KiB by default at
@@ -71,9 +73,10 @@ impl Worker for LinkService {
             _ => STREAM_QUEUE,
         };
         let (tx, rx) = mpsc::channel(capacity);
+        let (cut, cut_rx) = oneshot::channel();
         if self
             .inbox
-            .send(Input::StreamUp { stream, tx })
+            .send(Input::StreamUp { stream, tx, cut })
             .await
             .is_err()
         {
@@ -93,7 +96,39 @@ impl Worker for LinkService {
             events,
             self.inbox.clone(),
         ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+        Ok(Response::new(Box::pin(Commands {
+            queue: ReceiverStream::new(rx),
+            cut: Some(cut_rx),
+        })))
+    }
+}
+
+/// A stream's response: its queued commands, unless the router cuts the
+/// stream, which ends it at once with `RESOURCE_EXHAUSTED`.
+struct Commands {
+    queue: ReceiverStream<WorkerCommand>,
+    cut: Option<oneshot::Receiver<()>>,
+}
+
+impl tokio_stream::Stream for Commands {
+    type Item = Result<WorkerCommand, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(cut) = &mut self.cut {
+            match Pin::new(cut).poll(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.cut = None;
+                    self.queue.close();
+                    return Poll::Ready(Some(Err(Status::resource_exhausted(
+                        "stream queue full: the peer is not keeping up",
+                    ))));
+                }
+                // The router let the stream go without cutting it.
+                Poll::Ready(Err(_)) => self.cut = None,
+                Poll::Pending => {}
+            }
+        }
+        Pin::new(&mut self.queue).poll_next(cx).map(|c| c.map(Ok))
     }
 }
 

@@ -36,8 +36,7 @@ async fn main() -> anyhow::Result<()> {
     let mut config = sharedconn_worker::Config::new(cli.data_dir);
     config.history = cli.history;
     config.userlist_interval = Duration::from_millis(cli.userlist_interval_ms);
-    let listener = tokio::net::TcpListener::bind(cli.listen)
-        .await
+    let listener = sharedconn_common::listen(cli.listen)
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
     sharedconn_worker::run(listener, config, sharedconn_common::shutdown_signal())
         .await

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use sharedconn_proto::{Deliver, Disconnect, WorkerCommand, worker_command::Command};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use crate::app::WsId;
@@ -22,6 +22,9 @@ pub type StreamTx = mpsc::Sender<WorkerCommand>;
 
 struct Stream {
     tx: StreamTx,
+    /// Tells the response to end with `RESOURCE_EXHAUSTED` at once, ahead
+    /// of whatever is queued.
+    cut_tx: Option<oneshot::Sender<()>>,
     /// Open sockets on this stream, in no particular order (`swap_remove`).
     members: Vec<WsId>,
     /// Set when the queue overflowed and the stream was cut; the stream's
@@ -38,11 +41,12 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn add_stream(&mut self, id: StreamId, tx: StreamTx) {
+    pub fn add_stream(&mut self, id: StreamId, tx: StreamTx, cut_tx: oneshot::Sender<()>) {
         self.streams.insert(
             id,
             Stream {
                 tx,
+                cut_tx: Some(cut_tx),
                 members: Vec::new(),
                 cut: false,
             },
@@ -146,8 +150,9 @@ impl Router {
     /// Never waits. A full queue means the gateway (shared mode) or the socket
     /// (private mode) is not keeping up; waiting would stall every other
     /// socket, and dropping one message would break the total order, so the
-    /// stream is cut instead: its gateway closes the affected sockets with
-    /// 1012 and their clients reconnect and replay from the log.
+    /// stream is cut instead: it ends with `RESOURCE_EXHAUSTED`, its gateway
+    /// closes the affected sockets (1008 in private mode, 1012 in shared),
+    /// and their clients reconnect and replay from the log.
     fn push(&mut self, stream: StreamId, command: Command) {
         let Some(s) = self.streams.get_mut(&stream) else {
             return;
@@ -167,10 +172,9 @@ impl Router {
                     "stream queue full, cutting the stream"
                 );
                 s.cut = true;
-                // Replacing the sender drops ours; once the queued commands are
-                // flushed the response ends and the gateway sees the cut.
-                let (dead, _) = mpsc::channel(1);
-                s.tx = dead;
+                if let Some(cut) = s.cut_tx.take() {
+                    let _ = cut.send(());
+                }
             }
             // The response went away; the stream reader reports it down soon.
             Err(mpsc::error::TrySendError::Closed(_)) => {}

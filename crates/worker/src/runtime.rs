@@ -22,6 +22,7 @@ pub enum Input {
     StreamUp {
         stream: StreamId,
         tx: StreamTx,
+        cut: oneshot::Sender<()>,
     },
     StreamDown {
         stream: StreamId,
@@ -82,7 +83,7 @@ impl<A: WebSocketApp> Runtime<A> {
 
     async fn apply(&mut self, input: Input) {
         match input {
-            Input::StreamUp { stream, tx } => self.router.add_stream(stream, tx),
+            Input::StreamUp { stream, tx, cut } => self.router.add_stream(stream, tx, cut),
             Input::StreamDown { stream } => {
                 let orphans = self.router.remove_stream(stream);
                 debug!(stream, sockets = orphans.len(), "stream down");
