@@ -394,13 +394,14 @@ async fn no_worker_means_a_clear_refusal_until_it_is_back(mode: Mode) {
     let mut cluster = Cluster::builder().mode(mode).start().await;
     cluster.stop_worker().await;
     let addr = cluster.gateway_addr(0);
+    // The gateway says so to its load balancer.
+    let deadline = tokio::time::Instant::now() + support::WAIT;
+    while http_get(addr, "/healthz").await.map(|r| r.0) != Some(503) {
+        assert!(tokio::time::Instant::now() < deadline, "healthz still 200");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     if mode == Mode::Shared {
-        // The shared link is down, and the gateway says so before upgrading.
-        let deadline = tokio::time::Instant::now() + support::WAIT;
-        while http_get(addr, "/healthz").await.map(|r| r.0) != Some(503) {
-            assert!(tokio::time::Instant::now() < deadline, "healthz still 200");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        // The shared link is down, and the gateway refuses before upgrading.
         let err = tokio_tungstenite::connect_async(cluster.ws_url(0))
             .await
             .expect_err("upgrade must be refused");

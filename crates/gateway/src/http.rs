@@ -44,7 +44,7 @@ pub async fn handle(
             r
         }
         (&Method::GET, "/healthz") => {
-            if gateway.upstream.ready() {
+            if gateway.upstream.healthy().await {
                 text(StatusCode::OK, "ok\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "no worker linked\n")

@@ -45,6 +45,8 @@ const PRIVATE_EVENT_QUEUE: usize = 16;
 /// not held back by round trips on the shared stream.
 const STREAM_WINDOW: u32 = 8 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
+/// How long the private-mode health probe may take to reach a worker.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
@@ -172,9 +174,17 @@ struct LiveLink {
 /// One worker, as the gateway sees it.
 struct WorkerLink {
     url: String,
+    /// `host:port`, for the private-mode health probe.
+    authority: String,
     channel: Channel,
     /// Shared mode: the live stream, if any.
     live: RwLock<Option<LiveLink>>,
+}
+
+impl WorkerLink {
+    fn linked(&self) -> bool {
+        self.live.read().map(|l| l.is_some()).unwrap_or(false)
+    }
 }
 
 /// All workers, and how sockets reach them.
@@ -203,8 +213,12 @@ impl Upstream {
                 .keep_alive_timeout(Duration::from_secs(10))
                 .initial_stream_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW);
+            let uri = endpoint.uri();
+            let port = uri.port_u16().unwrap_or(80);
+            let authority = format!("{}:{port}", uri.host().unwrap_or("localhost"));
             workers.push(Arc::new(WorkerLink {
                 url: url.clone(),
+                authority,
                 channel: endpoint.connect_lazy(),
                 live: RwLock::new(None),
             }));
@@ -223,15 +237,30 @@ impl Upstream {
         Ok(upstream)
     }
 
-    /// Whether a socket opened now would find a worker (for `/healthz` and
-    /// for refusing upgrades early).
+    /// Whether a socket opened now could be attached without waiting: in
+    /// shared mode, whether every worker's link is up. Private mode opens a
+    /// stream per socket and has nothing to look at here.
     pub fn ready(&self) -> bool {
         match self.mode {
-            Mode::Shared => self
-                .workers
-                .iter()
-                .all(|w| w.live.read().map(|l| l.is_some()).unwrap_or(false)),
+            Mode::Shared => self.workers.iter().all(|w| w.linked()),
             Mode::Private => true,
+        }
+    }
+
+    /// For `/healthz`: in shared mode the links' state; in private mode a
+    /// connection to every worker, made now (bounded by a short timeout).
+    pub async fn healthy(&self) -> bool {
+        match self.mode {
+            Mode::Shared => self.ready(),
+            Mode::Private => {
+                for worker in &self.workers {
+                    let probe = tokio::net::TcpStream::connect(worker.authority.as_str());
+                    if !matches!(tokio::time::timeout(PROBE_TIMEOUT, probe).await, Ok(Ok(_))) {
+                        return false;
+                    }
+                }
+                true
+            }
         }
     }
 
