@@ -12,8 +12,8 @@
 //! - one task per socket, reading and writing; queued frames are written in
 //!   batches and flushed once;
 //! - no chat storage (no history): only the message counter;
-//! - userlist frames are paced with the same policy as sharedconn's worker
-//!   (see [`USERLIST_MIN_INTERVAL`]) and published through a `watch`, so a
+//! - userlist frames are paced by the worker's own `Pacer` (see
+//!   [`USERLIST_MIN_INTERVAL`]) and published through a `watch`, so a
 //!   busy socket skips to the latest list instead of queueing stale ones.
 //!
 //! `run` takes a bound listener and a shutdown future (mini-redis style), so
@@ -40,6 +40,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
+use sharedconn_worker::chat::pacer::Pacer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
@@ -75,21 +76,10 @@ const WRITE_BUFFER: usize = 64 * 1024;
 /// Largest frame a client may send; chat messages are short.
 const MAX_INBOUND_FRAME: usize = 64 * 1024;
 
-/// Userlist pacing. The whole list goes to every socket, so its cost is
-/// quadratic in the sockets; the baseline paces it with the same policy and
-/// constants as sharedconn's worker, so a join storm compares transports, not
-/// coalescing policies:
-/// - never more often than [`USERLIST_MIN_INTERVAL`];
-/// - after a list, wait in proportion to its cost (bytes x recipients) so
-///   lists stay under [`USERLIST_BYTES_PER_SEC`];
-/// - once a list costs more than [`USERLIST_BIG`], wait for changes to pause
-///   for [`USERLIST_QUIET`], but never hold one back beyond
-///   [`USERLIST_MAX_WAIT`].
+/// Shortest gap between userlists. The lists themselves are paced by
+/// sharedconn's own [`Pacer`] (the whole list goes to every socket, so its
+/// cost is quadratic), so a join storm compares transports, not coalescing.
 const USERLIST_MIN_INTERVAL: Duration = Duration::from_millis(100);
-const USERLIST_BYTES_PER_SEC: f64 = 1024.0 * 1024.0 * 1024.0;
-const USERLIST_BIG: f64 = 16.0 * 1024.0 * 1024.0;
-const USERLIST_QUIET: Duration = Duration::from_millis(300);
-const USERLIST_MAX_WAIT: Duration = Duration::from_secs(5);
 
 /// Binds with the same accept queue as the gateway.
 pub use sharedconn_common::listen as bind;
@@ -591,40 +581,22 @@ impl Hub {
     }
 }
 
-/// Publishes a fresh userlist when the pacing allows (see
-/// [`USERLIST_MIN_INTERVAL`]).
+/// Publishes a fresh userlist when the pacing allows.
 async fn publish_userlists(hub: Arc<Hub>, drain: CancellationToken) {
     use tokio::time::Instant;
-    let mut next_allowed = Instant::now();
-    let mut last_cost = 0.0_f64;
+    let mut pacer = Pacer::new(USERLIST_MIN_INTERVAL, Instant::now());
     loop {
+        let due = pacer.due();
         tokio::select! {
             _ = drain.cancelled() => return,
-            _ = hub.userlist_changed.notified() => {}
-        }
-        let dirty_since = Instant::now();
-        let mut last_change = dirty_since;
-        loop {
-            let mut due = next_allowed;
-            if last_cost >= USERLIST_BIG {
-                due = due.max((last_change + USERLIST_QUIET).min(dirty_since + USERLIST_MAX_WAIT));
-            }
-            if Instant::now() >= due {
-                break;
-            }
-            tokio::select! {
-                _ = drain.cancelled() => return,
-                _ = tokio::time::sleep_until(due) => break,
-                _ = hub.userlist_changed.notified() => last_change = Instant::now(),
+            _ = hub.userlist_changed.notified() => pacer.changed(Instant::now()),
+            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                let (frame, sockets) = hub.userlist_frame();
+                debug!(sockets, bytes = frame.len(), "userlist published");
+                pacer.sent(Instant::now(), frame.len(), sockets);
+                hub.userlist.send_replace(frame);
             }
         }
-        let (frame, sockets) = hub.userlist_frame();
-        let cost = frame.len() as f64 * sockets as f64;
-        debug!(sockets, bytes = frame.len(), "userlist published");
-        hub.userlist.send_replace(frame);
-        last_cost = cost;
-        next_allowed = Instant::now()
-            + USERLIST_MIN_INTERVAL.max(Duration::from_secs_f64(cost / USERLIST_BYTES_PER_SEC));
     }
 }
 
