@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -142,7 +142,7 @@ pub async fn run(
 /// connection is simply gone (a client going away is not an error).
 fn reason_for(e: &WsError) -> Option<CloseReason> {
     match e {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => Some(CloseReason::TooBig),
+        // Over `max_frame_bytes` (a frame or a reassembled message).
         WsError::Capacity(_) => Some(CloseReason::TooBig),
         WsError::Utf8(_) => Some(CloseReason::BadText),
         WsError::Protocol(_) => Some(CloseReason::Protocol),

@@ -41,6 +41,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use sharedconn_worker::chat::pacer::Pacer;
+use sharedconn_worker::chat::rules;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
@@ -399,28 +400,6 @@ struct Inbound<'a> {
     message: Option<Cow<'a, str>>,
 }
 
-#[derive(Serialize)]
-struct ChatOut<'a> {
-    #[serde(rename = "Type")]
-    kind: &'static str,
-    #[serde(rename = "Message")]
-    message: &'a str,
-    #[serde(rename = "Author")]
-    author: &'a str,
-    #[serde(rename = "Sent")]
-    sent: &'a str,
-    #[serde(rename = "ID")]
-    id: u64,
-}
-
-#[derive(Serialize)]
-struct UserListOut<'a> {
-    #[serde(rename = "Type")]
-    kind: &'static str,
-    #[serde(rename = "Users")]
-    users: &'a [&'a str],
-}
-
 /// A connected socket as the hub sees it.
 struct Member {
     queue: mpsc::Sender<Utf8Bytes>,
@@ -522,7 +501,7 @@ impl Hub {
 
     /// Numbers, serializes (once) and queues a Chat frame to every socket.
     fn broadcast_chat(&self, from: u64, message: &str) {
-        let sent = now_sent();
+        let sent = rules::sent_stamp(time::OffsetDateTime::now_utc());
         let mut state = self.lock();
         let state = &mut *state;
         state.last_message_id += 1;
@@ -531,14 +510,7 @@ impl Hub {
             .get(&from)
             .and_then(|m| m.alias.clone())
             .unwrap_or_else(|| "default".into());
-        let frame = serde_json::to_string(&ChatOut {
-            kind: "Chat",
-            message,
-            author: &author,
-            sent: &sent,
-            id: state.last_message_id,
-        })
-        .expect("serializing strs cannot fail");
+        let frame = rules::chat_frame_of(state.last_message_id, &author, message, &sent);
         let frame = Utf8Bytes::from(frame);
         let mut slow = Vec::new();
         for (&id, member) in &state.members {
@@ -572,11 +544,7 @@ impl Hub {
             (aliases, state.members.len())
         };
         let users: Vec<&str> = aliases.iter().map(|a| &**a).collect();
-        let frame = serde_json::to_string(&UserListOut {
-            kind: "userlist",
-            users: &users,
-        })
-        .expect("serializing strs cannot fail");
+        let frame = rules::userlist_frame(&users);
         (Utf8Bytes::from(frame), sockets)
     }
 }
@@ -600,25 +568,9 @@ async fn publish_userlists(hub: Arc<Hub>, drain: CancellationToken) {
     }
 }
 
-/// `Sent` as the seed formats it: `YYYY-MM-DD HH:MM:SS` (UTC here).
-fn now_sent() -> String {
-    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
-    time::OffsetDateTime::now_utc()
-        .format(&format)
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sent_has_the_seed_format() {
-        let s = now_sent();
-        assert_eq!(s.len(), 19, "{s}");
-        assert_eq!(&s[4..5], "-");
-        assert_eq!(&s[10..11], " ");
-    }
 
     #[test]
     fn chat_is_serialized_once_in_protocol_shape() {

@@ -17,6 +17,7 @@ use tracing::{error, info};
 
 use super::{Backplane, Event, NewMessage, StoredMessage};
 use crate::app::WsId;
+use crate::chat::rules;
 use crate::error::Error;
 
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
@@ -219,7 +220,7 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        let sent = now();
+        let sent = rules::sent_stamp(time::OffsetDateTime::now_utc());
         let stored: Vec<Arc<StoredMessage>> = batch
             .iter()
             .enumerate()
@@ -263,12 +264,4 @@ fn commit(db: &Database, messages: &[Arc<StoredMessage>]) -> Result<(), Error> {
     }
     txn.commit()?;
     Ok(())
-}
-
-/// `YYYY-MM-DD HH:MM:SS` in UTC, like the seed's `$ZDATETIME($HOROLOG,3)`.
-fn now() -> String {
-    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
-    time::OffsetDateTime::now_utc()
-        .format(&format)
-        .unwrap_or_default()
 }

@@ -123,15 +123,15 @@ pub fn status_frame(wsid: &str, log: &str) -> String {
 }
 
 #[derive(Serialize)]
-struct UserList<'a> {
+struct UserList<'a, S> {
     #[serde(rename = "Type")]
     kind: &'static str,
     #[serde(rename = "Users")]
-    users: &'a [String],
+    users: &'a [S],
 }
 
 /// `{"Type":"userlist","Users":[...]}`.
-pub fn userlist_frame(users: &[String]) -> String {
+pub fn userlist_frame<S: Serialize>(users: &[S]) -> String {
     to_json(&UserList {
         kind: "userlist",
         users,
@@ -155,13 +155,27 @@ struct Chat<'a> {
 /// `{"Type":"Chat","Message":...,"Author":...,"Sent":...,"ID":n}`; `ID` is
 /// our addition (the log id), which clients use to drop replayed duplicates.
 pub fn chat_frame(m: &StoredMessage) -> String {
+    chat_frame_of(m.id, &m.author, &m.message, &m.sent)
+}
+
+/// [`chat_frame`] from its fields.
+pub fn chat_frame_of(id: u64, author: &str, message: &str, sent: &str) -> String {
     to_json(&Chat {
         kind: "Chat",
-        message: &m.message,
-        author: &m.author,
-        sent: &m.sent,
-        id: m.id,
+        message,
+        author,
+        sent,
+        id,
     })
+}
+
+/// `Sent` as the seed writes it (`$ZDATETIME($HOROLOG,3)`):
+/// `YYYY-MM-DD HH:MM:SS`; we give it in UTC.
+pub fn sent_stamp(at: time::OffsetDateTime) -> String {
+    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    at.to_offset(time::UtcOffset::UTC)
+        .format(&format)
+        .unwrap_or_default()
 }
 
 #[derive(Serialize)]
@@ -233,6 +247,12 @@ mod tests {
     }
 
     #[test]
+    fn sent_has_the_seed_format() {
+        let at = time::macros::datetime!(2026-11-27 05:01:02 +09:00);
+        assert_eq!(sent_stamp(at), "2026-11-26 20:01:02");
+    }
+
+    #[test]
     fn frames_render_the_seed_protocol() {
         let m = StoredMessage {
             id: 7,
@@ -247,7 +267,7 @@ mod tests {
         let v: Value = serde_json::from_str(&status_frame("0000abcd-1", "77")).unwrap();
         assert_eq!(v["WSID"], "0000abcd-1");
         assert_eq!(v["Log"], "77");
-        let v: Value = serde_json::from_str(&userlist_frame(&["a".into(), "<b>".into()])).unwrap();
+        let v: Value = serde_json::from_str(&userlist_frame(&["a", "<b>"])).unwrap();
         assert_eq!(v["Users"][1], "<b>");
     }
 }
