@@ -377,6 +377,24 @@ async fn scenario(
         .screenshot(artifacts, "desktop-after-reconnect.png")
         .await;
     step("both pages back after a worker restart");
+
+    // A wiped message log starts its ids at 1 again, under a new Log name in
+    // the Status frame: the pages must drop what they hold from the old log,
+    // or they would hide the new messages as duplicates of old ids.
+    cluster.wipe_worker().await;
+    alice.wait_connected().await;
+    bob.wait_connected().await;
+    bob.type_line("a fresh log").await;
+    for page in [alice, bob] {
+        page.wait_js(
+            "only the new log's message is shown",
+            "const m = document.querySelectorAll('#chat .msg');
+             return m.length === 1 && m[0].dataset.id === '1'
+                 && m[0].querySelector('.text').textContent === 'a fresh log';",
+        )
+        .await;
+    }
+    step("a wiped log: both pages dropped the old messages and show the new one");
 }
 
 /// The texts a page sends in the burst step.
