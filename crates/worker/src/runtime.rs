@@ -64,10 +64,10 @@ impl<A: WebSocketApp> Runtime<A> {
     /// router on return ends every response stream.
     pub async fn run(mut self, mut stop: oneshot::Receiver<()>) {
         loop {
+            // Unbiased: a steady stream of socket events (a join storm, many
+            // senders) must not starve the application's own events, which
+            // carry the broadcasts every client is waiting for.
             tokio::select! {
-                // Socket events first: they are what clients wait on, and the
-                // inbox is what pushes back on gateways when we fall behind.
-                biased;
                 input = self.inbox.recv() => match input {
                     Some(input) => self.apply(input).await,
                     None => break,
