@@ -21,6 +21,20 @@ use crate::session::{self, RateLimit};
 
 /// The chat page, served from the binary: no other asset, no CDN.
 const INDEX_HTML: &str = include_str!("../assets/index.html");
+/// Where the page learns the gateway's frame limit (see [`index_page`]).
+const MAX_FRAME_ATTR: &str = "data-max-frame=\"65536\"";
+
+/// The page with this gateway's frame limit written in, so the page refuses
+/// an oversize message itself instead of having its socket closed (1009).
+pub fn index_page(max_frame_bytes: usize) -> Bytes {
+    INDEX_HTML
+        .replacen(
+            MAX_FRAME_ATTR,
+            &format!("data-max-frame=\"{max_frame_bytes}\""),
+            1,
+        )
+        .into()
+}
 /// Our WebSocket path, and the seed page's, which works unchanged.
 pub const WS_PATHS: [&str; 2] = ["/ws", "/csp/user/Chat.Server.cls"];
 /// Bytes read from a socket at a time. Small, because an idle socket keeps
@@ -36,7 +50,7 @@ pub async fn handle(
     let path = req.uri().path();
     let response = match (req.method(), path) {
         (&Method::GET, "/" | "/index.html") => {
-            let mut r = text(StatusCode::OK, INDEX_HTML);
+            let mut r = Response::new(Full::new(gateway.page.clone()));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/html; charset=utf-8"),
@@ -183,7 +197,15 @@ fn upgrade(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Body> 
 
 #[cfg(test)]
 mod tests {
-    use super::since;
+    use super::{MAX_FRAME_ATTR, index_page, since};
+
+    #[test]
+    fn the_page_carries_the_frame_limit() {
+        assert!(super::INDEX_HTML.contains(MAX_FRAME_ATTR));
+        let page = index_page(1000);
+        let page = std::str::from_utf8(&page).unwrap();
+        assert!(page.contains("data-max-frame=\"1000\""));
+    }
 
     #[test]
     fn since_is_read_from_the_query() {

@@ -54,6 +54,8 @@ const TCP_KEEPALIVE_PROBES: u32 = 3;
 /// What every connection of one gateway shares.
 pub struct Gateway {
     config: Config,
+    /// The chat page, rendered once for this configuration.
+    page: bytes::Bytes,
     tag: u32,
     next_ws: AtomicU32,
     upstream: Arc<Upstream>,
@@ -84,6 +86,7 @@ pub async fn run(
     let stop_links = CancellationToken::new();
     let upstream = Upstream::start(&config, tag, stop_links.clone())?;
     let gateway = Arc::new(Gateway {
+        page: http::index_page(config.max_frame_bytes),
         tag,
         next_ws: AtomicU32::new(1),
         upstream,
