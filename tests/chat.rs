@@ -338,6 +338,35 @@ async fn reconnect_with_since_replays_only_what_was_missed(mode: Mode) {
     cluster.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_too_long_is_announced_as_a_gap() {
+    let cluster = Cluster::builder()
+        .gateway_config(|c| {
+            c.frames_per_sec = 100_000;
+            c.frame_burst = 100_000;
+        })
+        .start()
+        .await;
+    let mut a = Client::connect(&cluster.ws_url(0)).await;
+    const N: u64 = 1005;
+    for i in 0..N {
+        a.say(&format!("g{i}")).await;
+    }
+    let all = a.chats(N as usize).await;
+    let since = all[0].0;
+    let url = format!("{}?since={since}", cluster.ws_url(0));
+    let mut b = Client::connect(&url).await;
+    // 1004 missed, 1000 replayed: the first 4 are announced, not sent.
+    let gap = b.next().await;
+    assert_eq!(gap["Type"], "Gap", "{gap}");
+    assert_eq!(gap["After"], since);
+    assert_eq!(gap["Missed"], 4);
+    let replay = b.chats(1000).await;
+    assert_eq!(replay[0].0, since + 5);
+    assert_eq!(replay.last().unwrap().0, all.last().unwrap().0);
+    cluster.shutdown().await;
+}
+
 async fn gateway_shutdown_closes_with_1001(mode: Mode) {
     let mut cluster = Cluster::builder().mode(mode).start().await;
     let mut a = Client::connect(&cluster.ws_url(0)).await;

@@ -119,6 +119,15 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
             .await
         {
             Ok(messages) => {
+                // A reconnecting client that missed more than we replay is
+                // told how many it will not see, rather than left with a
+                // silent hole.
+                if let Some(first) = messages.first()
+                    && since > 0
+                    && first.id > since + 1
+                {
+                    out.write(ws, rules::gap_frame(since, first.id - since - 1));
+                }
                 for m in messages {
                     out.write(ws, rules::chat_frame(&m));
                 }

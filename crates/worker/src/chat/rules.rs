@@ -179,6 +179,27 @@ pub fn sent_stamp(at: time::OffsetDateTime) -> String {
 }
 
 #[derive(Serialize)]
+struct Gap {
+    #[serde(rename = "Type")]
+    kind: &'static str,
+    #[serde(rename = "After")]
+    after: u64,
+    #[serde(rename = "Missed")]
+    missed: u64,
+}
+
+/// `{"Type":"Gap","After":n,"Missed":k}` (our addition): the `k` messages
+/// after id `n` are not replayed to this reconnecting client; the replay
+/// that follows starts after them.
+pub fn gap_frame(after: u64, missed: u64) -> String {
+    to_json(&Gap {
+        kind: "Gap",
+        after,
+        missed,
+    })
+}
+
+#[derive(Serialize)]
 struct ErrorFrame<'a> {
     #[serde(rename = "Type")]
     kind: &'static str,
