@@ -51,6 +51,9 @@ const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const TCP_KEEPALIVE_PROBES: u32 = 3;
 
+/// How often the gateway logs what it holds.
+const STATUS_EVERY: Duration = Duration::from_secs(60);
+
 /// What every connection of one gateway shares.
 pub struct Gateway {
     config: Config,
@@ -67,6 +70,10 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    fn open_sockets(&self) -> usize {
+        self.config.max_connections - self.permits.available_permits()
+    }
+
     fn next_ws_id(&self) -> u64 {
         sharedconn_proto::ws_id(self.tag, self.next_ws.fetch_add(1, Ordering::Relaxed))
     }
@@ -99,9 +106,15 @@ pub async fn run(
     info!(%addr, gateway_tag = format!("{tag:08x}"), mode = %gateway.config.mode, workers = ?gateway.config.workers, "gateway listening");
 
     tokio::pin!(shutdown);
+    let mut status = tokio::time::interval(STATUS_EVERY);
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
+            _ = status.tick() => {
+                info!(sockets = gateway.open_sockets(), linked = gateway.upstream.ready(), "gateway status");
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -145,10 +158,7 @@ pub async fn run(
         });
     }
 
-    info!(
-        sockets = gateway.config.max_connections - gateway.permits.available_permits(),
-        "gateway draining"
-    );
+    info!(sockets = gateway.open_sockets(), "gateway draining");
     drop(listener);
     gateway.drain.cancel();
     gateway.tracker.close();

@@ -97,6 +97,10 @@ impl Router {
         self.sockets.get(&ws).map(|&(stream, _)| stream)
     }
 
+    pub fn stream_count(&self) -> usize {
+        self.streams.len()
+    }
+
     pub fn socket_count(&self) -> usize {
         self.sockets.len()
     }

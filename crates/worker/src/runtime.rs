@@ -15,6 +15,8 @@ use crate::router::{Router, StreamId, StreamTx};
 /// frames can take; when full, stream readers wait, which pushes back through
 /// HTTP/2 flow control to the gateways and from there to the browsers' TCP.
 pub const INBOX_CAPACITY: usize = 4096;
+/// How often the worker logs what it holds.
+const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One thing that happened on a link stream.
 #[derive(Debug)]
@@ -63,6 +65,8 @@ impl<A: WebSocketApp> Runtime<A> {
     /// Runs until `stop` fires or every stream handler is gone. Dropping the
     /// router on return ends every response stream.
     pub async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        let mut status = tokio::time::interval(STATUS_EVERY);
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Unbiased: a steady stream of socket events (a join storm, many
             // senders) must not starve the application's own events, which
@@ -75,6 +79,11 @@ impl<A: WebSocketApp> Runtime<A> {
                 event = self.app.next_event() => {
                     self.app.on_event(event, &mut Outbox::new(&mut self.router)).await;
                 }
+                _ = status.tick() => info!(
+                    sockets = self.router.socket_count(),
+                    streams = self.router.stream_count(),
+                    "worker status"
+                ),
                 _ = &mut stop => break,
             }
         }
