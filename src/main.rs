@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use sharedconn_gateway::Mode;
+use sharedconn_gateway::cli::Limits;
 use tokio::sync::watch;
 use tracing::info;
 
@@ -29,6 +30,8 @@ struct Cli {
     /// Recent messages sent to every socket that opens.
     #[arg(long, env = "SHAREDCONN_HISTORY", default_value_t = 50)]
     history: usize,
+    #[command(flatten)]
+    limits: Limits,
 }
 
 #[tokio::main]
@@ -42,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
     let worker_url = format!("http://{}", worker_listener.local_addr()?);
     let mut gateway_config = sharedconn_gateway::Config::new(vec![worker_url]);
     gateway_config.mode = cli.mode;
+    cli.limits.apply(&mut gateway_config);
     gateway_config.validate().context("invalid configuration")?;
     let listener = sharedconn_common::listen(cli.listen)
         .with_context(|| format!("cannot listen on {}", cli.listen))?;

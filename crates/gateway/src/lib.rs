@@ -16,8 +16,10 @@
 //! - [`frames`]: reading through tungstenite, writing frames without copies.
 //! - [`upstream`]: the links to workers and the WebSocket ID → socket table.
 //! - [`queue`]: a socket's bounded outbound queue and close order.
-//! - [`config`], [`error`]: settings, and the one place errors become close codes.
+//! - [`config`], [`error`]: settings, and the one place errors become close codes;
+//!   [`cli`]: the limits as flags, for the binaries.
 
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod frames;

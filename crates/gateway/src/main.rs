@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Parser;
+use sharedconn_gateway::cli::Limits;
 use sharedconn_gateway::{Config, Mode};
 
 /// Terminates browser WebSockets and links them to workers over gRPC.
@@ -27,24 +28,8 @@ struct Cli {
     /// Fixed gateway tag (hex, the high half of WebSocket IDs); random if unset.
     #[arg(long, env = "SHAREDCONN_GATEWAY_TAG", value_parser = parse_hex)]
     gateway_tag: Option<u32>,
-    /// Largest frame a client may send, in bytes.
-    #[arg(long, env = "SHAREDCONN_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
-    max_frame_bytes: usize,
-    /// Most sockets held at once.
-    #[arg(long, env = "SHAREDCONN_MAX_CONNECTIONS", default_value_t = 100_000)]
-    max_connections: usize,
-    /// Frames per second one socket may send (sustained).
-    #[arg(long, env = "SHAREDCONN_MAX_FRAMES_PER_SEC", default_value_t = 100)]
-    max_frames_per_sec: u32,
-    /// Frames one socket may send in a burst.
-    #[arg(long, env = "SHAREDCONN_FRAME_BURST", default_value_t = 200)]
-    frame_burst: u32,
-    /// Seconds shutdown waits for sockets to close (after SIGTERM).
-    #[arg(long, env = "SHAREDCONN_DRAIN_GRACE_SECS", default_value_t = 5)]
-    drain_grace_secs: u64,
-    /// Frames queued for one socket before it is closed as too slow.
-    #[arg(long, env = "SHAREDCONN_SOCKET_QUEUE", default_value_t = 1024)]
-    socket_queue: usize,
+    #[command(flatten)]
+    limits: Limits,
 }
 
 fn parse_hex(s: &str) -> Result<u32, String> {
@@ -56,12 +41,7 @@ impl Cli {
         let mut config = Config::new(self.workers);
         config.mode = self.mode;
         config.gateway_tag = self.gateway_tag;
-        config.max_frame_bytes = self.max_frame_bytes;
-        config.max_connections = self.max_connections;
-        config.frames_per_sec = self.max_frames_per_sec;
-        config.frame_burst = self.frame_burst;
-        config.socket_queue = self.socket_queue;
-        config.drain_grace = std::time::Duration::from_secs(self.drain_grace_secs);
+        self.limits.apply(&mut config);
         config
     }
 }
