@@ -97,17 +97,15 @@ async fn run_here(setup: &Setup, args: &IdleArgs) -> anyhow::Result<IdleReport> 
             move |i| client_task(i, Arc::clone(&ctx)),
         )
     };
-    let connect_deadline = started
-        + Duration::from_secs_f64(args.clients as f64 / args.connect_rate)
-        + setup.connect_timeout
-        + Duration::from_secs(5);
-    wait_until(
-        connect_deadline,
-        || ctx.connect.done() >= args.clients,
-        || progress.set(ctx.connect.done() as u64),
-    )
-    .await;
-    let connect = ctx.connect.report(args.clients);
+    let connect = ctx
+        .connect
+        .wait_all(
+            args.clients,
+            args.connect_rate,
+            setup.connect_timeout,
+            &progress,
+        )
+        .await;
 
     if args.child {
         emit(&ChildEvent::Connected {

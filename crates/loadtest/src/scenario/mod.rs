@@ -156,6 +156,29 @@ impl ConnectTally {
         self.connected() + self.failed.load(Ordering::Relaxed)
     }
 
+    /// Waits until each of `clients` has connected or failed, at most as long
+    /// as connecting at `rate` per second should take plus `connect_timeout`
+    /// and 5 s, then reports.
+    pub async fn wait_all(
+        &self,
+        clients: usize,
+        rate: f64,
+        connect_timeout: Duration,
+        progress: &crate::progress::Progress,
+    ) -> ConnectReport {
+        let deadline = self.started
+            + Duration::from_secs_f64(clients as f64 / rate)
+            + connect_timeout
+            + Duration::from_secs(5);
+        wait_until(
+            deadline,
+            || self.done() >= clients,
+            || progress.set(self.done() as u64),
+        )
+        .await;
+        self.report(clients)
+    }
+
     pub fn report(&self, attempted: usize) -> ConnectReport {
         let connected = self.connected();
         let secs = self.last_connected.load(Ordering::Relaxed) as f64 / 1e9;
