@@ -108,7 +108,8 @@ pub async fn run(
     info!(%addr, gateway_tag = format!("{tag:08x}"), mode = %gateway.config.mode, workers = ?gateway.config.workers, "gateway listening");
 
     tokio::pin!(shutdown);
-    let mut status = tokio::time::interval(STATUS_EVERY);
+    let mut status =
+        tokio::time::interval_at(tokio::time::Instant::now() + STATUS_EVERY, STATUS_EVERY);
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (stream, peer) = tokio::select! {

@@ -65,7 +65,8 @@ impl<A: WebSocketApp> Runtime<A> {
     /// Runs until `stop` fires or every stream handler is gone. Dropping the
     /// router on return ends every response stream.
     pub async fn run(mut self, mut stop: oneshot::Receiver<()>) {
-        let mut status = tokio::time::interval(STATUS_EVERY);
+        let mut status =
+            tokio::time::interval_at(tokio::time::Instant::now() + STATUS_EVERY, STATUS_EVERY);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Unbiased: a steady stream of socket events (a join storm, many
