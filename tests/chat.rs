@@ -44,6 +44,7 @@ both_modes!(
     gateway_shutdown_closes_with_1001,
     flooding_client_is_slowed_not_dropped,
     no_worker_means_a_clear_refusal_until_it_is_back,
+    a_client_that_pings_and_never_reads_is_still_cut,
 );
 
 async fn status_comes_first_with_a_unique_id(mode: Mode) {
@@ -335,6 +336,63 @@ async fn reconnect_with_since_replays_only_what_was_missed(mode: Mode) {
     assert_eq!(b.chats(4).await, all[2..].to_vec());
     a.say("after").await;
     assert_eq!(b.chats(1).await[0].2, "after");
+    cluster.shutdown().await;
+}
+
+async fn a_client_that_pings_and_never_reads_is_still_cut(mode: Mode) {
+    let cluster = Cluster::builder()
+        .mode(mode)
+        .gateway_config(|c| {
+            c.socket_queue = 32;
+            c.frames_per_sec = 1_000_000;
+            c.frame_burst = 1_000_000;
+        })
+        .start()
+        .await;
+    let mut ghost = Client::connect_with_recv_buffer(&cluster.ws_url(0), 4096).await;
+    let mut watcher = Client::connect(&cluster.ws_url(0)).await;
+    ghost.alias("ghost").await;
+    watcher
+        .userlist_until(|u| u.contains(&"ghost".into()))
+        .await;
+    // Pings with big payloads and never a read, until our pongs have filled
+    // its window and the gateway stops reading it (its sends stall).
+    let stalled = tokio::spawn(async move {
+        let payload = vec![b'p'; 125];
+        for _ in 0..200_000 {
+            let ping = Message::Ping(payload.clone().into());
+            let sent =
+                tokio::time::timeout(std::time::Duration::from_millis(500), ghost.ws.send(ping))
+                    .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                return (ghost, true);
+            }
+        }
+        (ghost, false)
+    });
+    let (_ghost, stalled) = stalled.await.unwrap();
+    assert!(stalled, "the gateway kept reading the ghost's pings");
+    // Now its queue overflows.
+    for i in 0..64 {
+        watcher.say(&format!("{i}")).await;
+        watcher.next_of("Chat").await;
+    }
+    // The ghost's queue overflowed: it is cut and leaves the list (as a
+    // newcomer sees it; the watcher skipped lists while reading chats).
+    let deadline = tokio::time::Instant::now() + support::WAIT;
+    loop {
+        let url = format!("{}?since=999999", cluster.ws_url(0));
+        let mut newcomer = Client::connect(&url).await;
+        let users = newcomer.userlist_until(|_| true).await;
+        if !users.contains(&"ghost".into()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ghost is still listed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     cluster.shutdown().await;
 }
 

@@ -129,15 +129,16 @@ impl FrameWriter {
                 "socket is mid-frame",
             ));
         }
-        self.broken = true;
         while !bufs.is_empty() {
             let n = self.io.write_vectored(bufs).await?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
             IoSlice::advance_slices(&mut bufs, n);
+            // Part of a frame is out: if this future is dropped now, the
+            // stream is mid-frame. Cleared once the whole batch is out.
+            self.broken = !bufs.is_empty();
         }
-        self.broken = false;
         Ok(())
     }
 }

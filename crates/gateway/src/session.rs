@@ -110,11 +110,22 @@ pub async fn run(
                 }
                 Some(Ok(Message::Binary(_))) => break Some(CloseReason::Binary.into()),
                 Some(Ok(Message::Ping(payload))) => {
-                    if writer.pong(&payload).await.is_err() {
-                        break None;
+                    // Pings count against the rate limit, and the pong, like
+                    // any write, must not keep the socket from being killed:
+                    // a client that pings and never reads fills its window.
+                    limit.take();
+                    tokio::select! {
+                        written = writer.pong(&payload) => {
+                            if written.is_err() {
+                                break None;
+                            }
+                        }
+                        kill = queue.killed() => break Some(kill),
+                        _ = &mut drained => break Some(CloseReason::GoingAway.into()),
                     }
                 }
-                Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Pong(_))) => limit.take(),
+                Some(Ok(Message::Frame(_))) => {}
                 // Echo the client's close, as RFC 6455 asks.
                 Some(Ok(Message::Close(frame))) => {
                     let code = frame.map_or(1000, |f| u16::from(f.code));
