@@ -91,7 +91,7 @@ impl Registry {
     /// Queues `text` for every listed socket. Never waits: a socket whose
     /// queue is full is closed as too slow (dropping a frame instead would
     /// break the one order every client must see).
-    fn deliver(&self, ids: &[u64], text: &Utf8Bytes) {
+    fn deliver(&self, ids: &[u64], texts: &[Utf8Bytes]) {
         let mut overflowed = Vec::new();
         {
             let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
@@ -99,7 +99,7 @@ impl Registry {
                 let Some(queue) = inner.slots.get(ws) else {
                     continue;
                 };
-                if queue.push(text.clone()) == Push::Full {
+                if texts.iter().any(|t| queue.push(t.clone()) == Push::Full) {
                     overflowed.push(*ws);
                 }
             }
@@ -335,6 +335,15 @@ fn hello(gateway_tag: u32, mode: Mode) -> GatewayEvent {
     }
 }
 
+/// A Deliver's frames as WebSocket text, checked once per payload and then
+/// shared by every socket; `None` (and a warning) if one is not UTF-8.
+fn checked(texts: Vec<Bytes>) -> Option<Vec<Utf8Bytes>> {
+    let checked: Result<Vec<_>, _> = texts.into_iter().map(Utf8Bytes::try_from).collect();
+    checked
+        .inspect_err(|_| warn!("worker sent a frame that is not UTF-8"))
+        .ok()
+}
+
 /// Moves one private stream's deliveries into its socket's queue.
 async fn pump_private(mut commands: tonic::Streaming<WorkerCommand>, queue: Arc<SocketQueue>) {
     let reason = loop {
@@ -342,15 +351,18 @@ async fn pump_private(mut commands: tonic::Streaming<WorkerCommand>, queue: Arc<
             Ok(Some(WorkerCommand {
                 command: Some(Command::Deliver(d)),
             })) => {
-                let Ok(text) = Utf8Bytes::try_from(d.text) else {
-                    warn!("worker sent a frame that is not UTF-8");
+                let Some(texts) = checked(d.texts) else {
                     continue;
                 };
-                match queue.push(text) {
-                    Push::Queued => {}
-                    Push::Full => break Kill::from(CloseReason::TooSlow),
+                let pushed = texts
+                    .into_iter()
+                    .map(|t| queue.push(t))
+                    .find(|p| *p != Push::Queued);
+                match pushed {
+                    None => {}
+                    Some(Push::Full) => break Kill::from(CloseReason::TooSlow),
                     // The session ended.
-                    Push::Closed => return,
+                    Some(_) => return,
                 }
             }
             Ok(Some(WorkerCommand {
@@ -434,10 +446,8 @@ async fn run_link(worker: &WorkerLink, gateway_tag: u32) -> bool {
             Ok(Some(WorkerCommand {
                 command: Some(Command::Deliver(d)),
             })) => {
-                // Checked once per payload, shared by every socket after.
-                match Utf8Bytes::try_from(d.text) {
-                    Ok(text) => registry.deliver(&d.ws_ids, &text),
-                    Err(_) => warn!("worker sent a frame that is not UTF-8"),
+                if let Some(texts) = checked(d.texts) {
+                    registry.deliver(&d.ws_ids, &texts);
                 }
             }
             Ok(Some(WorkerCommand {

@@ -73,6 +73,12 @@ impl<'a> Outbox<'a> {
         self.router.write(&[ws], text.into());
     }
 
+    /// Writes several text frames to one socket, in order, as one command
+    /// on its stream (an opening socket's Status, history and list).
+    pub fn write_frames(&mut self, ws: WsId, texts: Vec<Bytes>) {
+        self.router.write_frames(ws, texts);
+    }
+
     /// Writes one text frame to several sockets; each stream carries it once.
     pub fn write_many(&mut self, ids: &[WsId], text: impl Into<Bytes>) {
         self.router.write(ids, text.into());

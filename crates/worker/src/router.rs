@@ -105,12 +105,23 @@ impl Router {
         self.sockets.len()
     }
 
+    /// Writes `texts`, in order, to one socket, as one command.
+    pub fn write_frames(&mut self, ws: WsId, texts: Vec<Bytes>) {
+        if let Some(&(stream, _)) = self.sockets.get(&ws) {
+            self.push(
+                stream,
+                Command::Deliver(Deliver {
+                    ws_ids: vec![ws],
+                    texts,
+                }),
+            );
+        }
+    }
+
     pub fn write(&mut self, ids: &[WsId], text: Bytes) {
         if let [ws] = ids {
             // The common single-recipient case needs no grouping.
-            if let Some(&(stream, _)) = self.sockets.get(ws) {
-                self.send(stream, vec![*ws], text);
-            }
+            self.write_frames(*ws, vec![text]);
             return;
         }
         let mut by_stream: HashMap<StreamId, Vec<WsId>> = HashMap::new();
@@ -148,7 +159,8 @@ impl Router {
     }
 
     fn send(&mut self, stream: StreamId, ws_ids: Vec<WsId>, text: Bytes) {
-        self.push(stream, Command::Deliver(Deliver { ws_ids, text }));
+        let texts = vec![text];
+        self.push(stream, Command::Deliver(Deliver { ws_ids, texts }));
     }
 
     /// Never waits. A full queue means the gateway (shared mode) or the socket

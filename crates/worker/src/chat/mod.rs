@@ -28,8 +28,10 @@ use crate::error::Error;
 use pacer::Pacer;
 use rules::{ClientFrame, DEFAULT_ALIAS};
 
-/// Most messages replayed to a client that reconnects with `since`.
-pub const MAX_REPLAY: usize = 1000;
+/// Most messages replayed to a client that reconnects with `since` (older
+/// ones are announced with a Gap frame). Well under the gateway's default
+/// socket queue (1024), so live messages arriving during the replay fit too.
+pub const MAX_REPLAY: usize = 500;
 
 pub struct Chat<B> {
     backplane: B,
@@ -103,8 +105,13 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
     type Event = ChatEvent;
 
     async fn on_open(&mut self, ws: WsId, since: u64, out: &mut Outbox<'_>) {
+        // Everything an opening socket gets goes out as one command, so a
+        // burst of (re)connections costs its stream one slot each.
         let wsid = sharedconn_proto::ws_id_string(ws);
-        out.write(ws, rules::status_frame(&wsid, self.backplane.log_id()));
+        let mut frames = vec![Bytes::from(rules::status_frame(
+            &wsid,
+            self.backplane.log_id(),
+        ))];
         if let Err(e) = self.backplane.connect(ws).await {
             warn!(ws_id = ws, error = %e, "cannot record connection");
         }
@@ -126,11 +133,9 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
                     && since > 0
                     && first.id > since + 1
                 {
-                    out.write(ws, rules::gap_frame(since, first.id - since - 1));
+                    frames.push(rules::gap_frame(since, first.id - since - 1).into());
                 }
-                for m in messages {
-                    out.write(ws, rules::chat_frame(&m));
-                }
+                frames.extend(messages.iter().map(|m| Bytes::from(rules::chat_frame(m))));
             }
             Err(e) => warn!(ws_id = ws, error = %e, "cannot read history"),
         }
@@ -140,10 +145,9 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
                 let users = self.backplane.users().await.unwrap_or_default();
                 self.userlist.frame = Some(rules::userlist_frame(&users).into());
             }
-            if let Some(frame) = &self.userlist.frame {
-                out.write(ws, frame.clone());
-            }
+            frames.extend(self.userlist.frame.clone());
         }
+        out.write_frames(ws, frames);
     }
 
     async fn on_frame(&mut self, ws: WsId, text: &str, out: &mut Outbox<'_>) {
@@ -264,9 +268,11 @@ mod tests {
         let mut lists = Vec::new();
         while let Ok(cmd) = rx.try_recv() {
             if let Some(Command::Deliver(d)) = cmd.command {
-                let text = String::from_utf8(d.text.to_vec()).unwrap();
-                if text.contains("\"userlist\"") {
-                    lists.push(text);
+                for text in d.texts {
+                    let text = String::from_utf8(text.to_vec()).unwrap();
+                    if text.contains("\"userlist\"") {
+                        lists.push(text);
+                    }
                 }
             }
         }
