@@ -7,9 +7,10 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use sharedconn_proto::gateway_event::Event;
+use sharedconn_proto::worker_command::Command;
 use sharedconn_proto::worker_server::{Worker, WorkerServer};
 use sharedconn_proto::{GatewayEvent, Mode, WorkerCommand};
 use std::future::Future;
@@ -74,9 +75,15 @@ impl Worker for LinkService {
         };
         let (tx, rx) = mpsc::channel(capacity);
         let (cut, cut_rx) = oneshot::channel();
+        let backlog = Arc::new(AtomicUsize::new(0));
         if self
             .inbox
-            .send(Input::StreamUp { stream, tx, cut })
+            .send(Input::StreamUp {
+                stream,
+                tx,
+                backlog: backlog.clone(),
+                cut,
+            })
             .await
             .is_err()
         {
@@ -98,6 +105,7 @@ impl Worker for LinkService {
         ));
         Ok(Response::new(Box::pin(Commands {
             queue: ReceiverStream::new(rx),
+            backlog,
             cut: Some(cut_rx),
         })))
     }
@@ -107,6 +115,8 @@ impl Worker for LinkService {
 /// stream, which ends it at once with `RESOURCE_EXHAUSTED`.
 struct Commands {
     queue: ReceiverStream<WorkerCommand>,
+    /// Shared with the router, which adds what it queues.
+    backlog: Arc<AtomicUsize>,
     cut: Option<oneshot::Receiver<()>>,
 }
 
@@ -128,7 +138,15 @@ impl tokio_stream::Stream for Commands {
                 Poll::Pending => {}
             }
         }
-        Pin::new(&mut self.queue).poll_next(cx).map(|c| c.map(Ok))
+        let next = Pin::new(&mut self.queue).poll_next(cx);
+        if let Poll::Ready(Some(command)) = &next {
+            let ids = match &command.command {
+                Some(Command::Deliver(d)) => d.ws_ids.len(),
+                _ => 1,
+            };
+            self.backlog.fetch_sub(ids, Ordering::Relaxed);
+        }
+        next.map(|c| c.map(Ok))
     }
 }
 

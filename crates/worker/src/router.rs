@@ -5,6 +5,8 @@
 //! a thousand sockets behind one shared stream is one protobuf message.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use sharedconn_proto::{Deliver, Disconnect, WorkerCommand, worker_command::Command};
@@ -12,6 +14,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use crate::app::WsId;
+
+/// Most WebSocket IDs queued towards one stream (8 bytes each: 32 MiB).
+/// About 400 broadcasts to 10,000 sockets behind one gateway, or seconds of
+/// a busy chat; a gateway that far behind is cut.
+pub const MAX_QUEUED_IDS: usize = 4 << 20;
 
 /// Identifies one link stream for the life of the worker process.
 pub type StreamId = u64;
@@ -22,6 +29,9 @@ pub type StreamTx = mpsc::Sender<WorkerCommand>;
 
 struct Stream {
     tx: StreamTx,
+    /// WebSocket IDs in commands queued for this stream and not yet taken
+    /// by its response (see [`MAX_QUEUED_IDS`]).
+    backlog: Arc<AtomicUsize>,
     /// Tells the response to end with `RESOURCE_EXHAUSTED` at once, ahead
     /// of whatever is queued.
     cut_tx: Option<oneshot::Sender<()>>,
@@ -41,11 +51,18 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn add_stream(&mut self, id: StreamId, tx: StreamTx, cut_tx: oneshot::Sender<()>) {
+    pub fn add_stream(
+        &mut self,
+        id: StreamId,
+        tx: StreamTx,
+        backlog: Arc<AtomicUsize>,
+        cut_tx: oneshot::Sender<()>,
+    ) {
         self.streams.insert(
             id,
             Stream {
                 tx,
+                backlog,
                 cut_tx: Some(cut_tx),
                 members: Vec::new(),
                 cut: false,
@@ -176,11 +193,25 @@ impl Router {
         if s.cut {
             return;
         }
+        let ids = match &command {
+            Command::Deliver(d) => d.ws_ids.len(),
+            Command::Disconnect(_) => 1,
+        };
+        // The queue's length bounds commands; this bounds what they hold: a
+        // broadcast to 10,000 sockets carries 10,000 IDs.
+        let over_budget = s.backlog.load(Ordering::Relaxed) + ids > MAX_QUEUED_IDS;
         let message = WorkerCommand {
             command: Some(command),
         };
-        match s.tx.try_send(message) {
-            Ok(()) => {}
+        let sent = if over_budget {
+            Err(mpsc::error::TrySendError::Full(message))
+        } else {
+            s.tx.try_send(message)
+        };
+        match sent {
+            Ok(()) => {
+                s.backlog.fetch_add(ids, Ordering::Relaxed);
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 warn!(
                     stream,
@@ -195,5 +226,30 @@ impl Router {
             // The response went away; the stream reader reports it down soon.
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_over_its_id_budget_is_cut() {
+        let mut router = Router::default();
+        let (tx, mut rx) = mpsc::channel(16);
+        let (cut_tx, mut cut_rx) = oneshot::channel();
+        let backlog = Arc::new(AtomicUsize::new(0));
+        router.add_stream(1, tx, backlog.clone(), cut_tx);
+        assert!(router.add_socket(7, 1));
+        assert!(router.add_socket(8, 1));
+        router.broadcast(Bytes::from_static(b"hi"));
+        assert_eq!(backlog.load(Ordering::Relaxed), 2);
+        assert!(rx.try_recv().is_ok());
+        assert!(cut_rx.try_recv().is_err(), "not cut yet");
+        // The response fell this far behind: the next broadcast cuts it.
+        backlog.store(MAX_QUEUED_IDS - 1, Ordering::Relaxed);
+        router.broadcast(Bytes::from_static(b"again"));
+        assert!(cut_rx.try_recv().is_ok(), "cut");
+        assert!(rx.try_recv().is_err(), "nothing queued past the budget");
     }
 }

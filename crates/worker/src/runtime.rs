@@ -4,6 +4,9 @@
 //! order, interleaved with the application's own events, and owns the
 //! [`Router`]. This single consumer is what gives the chat one total order.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info};
@@ -24,6 +27,7 @@ pub enum Input {
     StreamUp {
         stream: StreamId,
         tx: StreamTx,
+        backlog: Arc<AtomicUsize>,
         cut: oneshot::Sender<()>,
     },
     StreamDown {
@@ -93,7 +97,12 @@ impl<A: WebSocketApp> Runtime<A> {
 
     async fn apply(&mut self, input: Input) {
         match input {
-            Input::StreamUp { stream, tx, cut } => self.router.add_stream(stream, tx, cut),
+            Input::StreamUp {
+                stream,
+                tx,
+                backlog,
+                cut,
+            } => self.router.add_stream(stream, tx, backlog, cut),
             Input::StreamDown { stream } => {
                 let orphans = self.router.remove_stream(stream);
                 debug!(stream, sockets = orphans.len(), "stream down");

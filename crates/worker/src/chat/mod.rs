@@ -260,7 +260,7 @@ mod tests {
         );
         let mut router = Router::default();
         let (tx, rx) = mpsc::channel(1024);
-        router.add_stream(1, tx, tokio::sync::oneshot::channel().0);
+        router.add_stream(1, tx, Default::default(), tokio::sync::oneshot::channel().0);
         (chat, router, rx)
     }
 
