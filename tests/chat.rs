@@ -397,6 +397,31 @@ async fn a_client_that_pings_and_never_reads_is_still_cut(mode: Mode) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_with_an_id_in_use_is_refused_not_left_hanging() {
+    // Two gateways misconfigured with one tag issue the same WebSocket IDs.
+    let cluster = Cluster::builder()
+        .gateways(2)
+        .gateway_config(|c| c.gateway_tag = Some(0xabc))
+        .start()
+        .await;
+    let mut first = Client::connect(&cluster.ws_url(0)).await;
+    assert_eq!(first.wsid, "00000abc-1");
+    let (ws, _) = tokio_tungstenite::connect_async(cluster.ws_url(1))
+        .await
+        .unwrap();
+    let mut second = Client {
+        ws,
+        wsid: String::new(),
+        log: String::new(),
+    };
+    assert_eq!(second.ended().await, Ended::Closed(1013));
+    // The first socket is untouched.
+    first.say("still mine").await;
+    assert_eq!(first.chats(1).await[0].2, "still mine");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_too_long_is_announced_as_a_gap() {
     let cluster = Cluster::builder()
         .gateway_config(|c| {

@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::router::StreamId;
 use crate::runtime::Input;
@@ -161,14 +161,10 @@ async fn forward(
         let input = match events.message().await {
             Ok(Some(GatewayEvent { event: Some(event) })) => match event {
                 // A gateway opens only IDs it issued (high half: its tag).
-                Event::Open(o) if (o.ws_id >> 32) as u32 != gateway_tag => {
-                    warn!(
-                        stream,
-                        ws_id = o.ws_id,
-                        "open for a foreign WebSocket ID ignored"
-                    );
-                    continue;
-                }
+                Event::Open(o) if (o.ws_id >> 32) as u32 != gateway_tag => Input::Refuse {
+                    stream,
+                    ws: o.ws_id,
+                },
                 Event::Open(o) => Input::Open {
                     stream,
                     ws: o.ws_id,

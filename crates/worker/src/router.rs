@@ -166,13 +166,19 @@ impl Router {
 
     pub fn disconnect(&mut self, ws: WsId, code: u16, reason: &str) {
         if let Some(&(stream, _)) = self.sockets.get(&ws) {
-            let command = Command::Disconnect(Disconnect {
-                ws_id: ws,
-                code: code.into(),
-                reason: reason.to_owned(),
-            });
-            self.push(stream, command);
+            self.disconnect_on(stream, ws, code, reason);
         }
+    }
+
+    /// Closes `ws` through `stream`, whether or not it is open there: the
+    /// answer to an open the worker refuses.
+    pub fn disconnect_on(&mut self, stream: StreamId, ws: WsId, code: u16, reason: &str) {
+        let command = Command::Disconnect(Disconnect {
+            ws_id: ws,
+            code: code.into(),
+            reason: reason.to_owned(),
+        });
+        self.push(stream, command);
     }
 
     fn send(&mut self, stream: StreamId, ws_ids: Vec<WsId>, text: Bytes) {

@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicUsize;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::app::{Outbox, WebSocketApp, WsId};
 use crate::router::{Router, StreamId, StreamTx};
@@ -18,6 +18,8 @@ use crate::router::{Router, StreamId, StreamTx};
 /// frames can take; when full, stream readers wait, which pushes back through
 /// HTTP/2 flow control to the gateways and from there to the browsers' TCP.
 pub const INBOX_CAPACITY: usize = 4096;
+/// Close code for a refused open: 1013, try again later.
+const REFUSED_CODE: u16 = 1013;
 /// How often the worker logs what it holds.
 const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -37,6 +39,11 @@ pub enum Input {
         stream: StreamId,
         ws: WsId,
         since: u64,
+    },
+    /// An open the stream's gateway had no right to send (a foreign ID).
+    Refuse {
+        stream: StreamId,
+        ws: WsId,
     },
     Frame {
         stream: StreamId,
@@ -95,6 +102,22 @@ impl<A: WebSocketApp> Runtime<A> {
         info!(sockets = self.router.socket_count(), "runtime stopped");
     }
 
+    /// Answers an open we cannot take (its ID is in use, or not its
+    /// gateway's), so the socket is closed instead of left without a Status.
+    fn refuse(&mut self, stream: StreamId, ws: WsId) {
+        warn!(
+            stream,
+            ws_id = ws,
+            "open refused: WebSocket ID in use or foreign"
+        );
+        self.router.disconnect_on(
+            stream,
+            ws,
+            REFUSED_CODE,
+            "cannot open this socket, reconnect",
+        );
+    }
+
     async fn apply(&mut self, input: Input) {
         match input {
             Input::StreamUp {
@@ -117,8 +140,11 @@ impl<A: WebSocketApp> Runtime<A> {
                     self.app
                         .on_open(ws, since, &mut Outbox::new(&mut self.router))
                         .await;
+                } else {
+                    self.refuse(stream, ws);
                 }
             }
+            Input::Refuse { stream, ws } => self.refuse(stream, ws),
             Input::Frame { stream, ws, text } => {
                 // A stream speaks only for its own sockets.
                 if self.router.stream_of(ws) != Some(stream) {
