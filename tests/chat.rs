@@ -372,9 +372,11 @@ async fn a_client_that_pings_and_never_reads_is_still_cut(mode: Mode) {
     });
     let (_ghost, stalled) = stalled.await.unwrap();
     assert!(stalled, "the gateway kept reading the ghost's pings");
-    // Now its queue overflows.
-    for i in 0..64 {
-        watcher.say(&format!("{i}")).await;
+    // Now its queue overflows: more than its socket buffers can take too, in
+    // case a busy machine made its sends stall before our pongs did.
+    let text = "z".repeat(30 * 1024);
+    for i in 0..200 {
+        watcher.say(&format!("{i} {text}")).await;
         watcher.next_of("Chat").await;
     }
     // The ghost's queue overflowed: it is cut and leaves the list (as a
