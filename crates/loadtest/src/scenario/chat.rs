@@ -24,11 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::{
-    CloseLog, ConnectTally, Setup, close_reason, join_all, seconds, spawn_paced, unix_nanos,
-    wait_until,
+    CloseLog, ConnectTally, Setup, close_reason, connect_client, join_all, seconds, spawn_paced,
+    unix_nanos, wait_until,
 };
 use crate::cli::ChatArgs;
-use crate::client::{self, Ws};
+use crate::client::Ws;
 use crate::procstat::{Monitor, cpu_of};
 use crate::progress::Progress;
 use crate::report::{ChatReport, Latency, SERVER_ROLES};
@@ -295,25 +295,9 @@ async fn client_session(
     ctx: &Ctx,
     mut go: watch::Receiver<Option<tokio::time::Instant>>,
 ) -> Option<ClientTally> {
-    let permit = ctx.connect_slots.acquire().await.ok()?;
     // Clients that would join after sending began are not part of the run.
-    if ctx.stop.is_cancelled() || go.borrow().is_some() {
-        return None;
-    }
-    let connected = client::connect(
-        ctx.setup.target(i),
-        ctx.setup.source(i),
-        ctx.setup.connect_timeout,
-    )
-    .await;
-    drop(permit);
-    let mut ws = match connected {
-        Ok((ws, _wsid)) => ws,
-        Err(e) => {
-            ctx.connect.fail(&e);
-            return None;
-        }
-    };
+    let wanted = || !ctx.stop.is_cancelled() && go.borrow().is_none();
+    let mut ws = connect_client(i, &ctx.setup, &ctx.connect_slots, &ctx.connect, wanted).await?;
     if go.borrow().is_some() {
         ctx.connect
             .fail(&anyhow::anyhow!("connected only after sending began"));

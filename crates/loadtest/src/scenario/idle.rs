@@ -24,10 +24,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    CloseLog, ConnectTally, Setup, close_reason, join_all, seconds, spawn_paced, wait_until,
+    CloseLog, ConnectTally, Setup, close_reason, connect_client, join_all, seconds, spawn_paced,
+    wait_until,
 };
 use crate::cli::IdleArgs;
-use crate::client::{self, Ws};
+use crate::client::Ws;
 use crate::procstat::{Monitor, ProcReport};
 use crate::progress::Progress;
 use crate::report::{ConnectReport, IdleReport, SERVER_ROLES};
@@ -191,25 +192,11 @@ fn emit(event: &ChildEvent) -> anyhow::Result<()> {
 }
 
 async fn client_task(i: usize, ctx: Arc<Ctx>) {
-    let Ok(permit) = ctx.connect_slots.acquire().await else {
+    let wanted = || !ctx.stop.is_cancelled();
+    let Some(mut ws) =
+        connect_client(i, &ctx.setup, &ctx.connect_slots, &ctx.connect, wanted).await
+    else {
         return;
-    };
-    if ctx.stop.is_cancelled() {
-        return;
-    }
-    let connected = client::connect(
-        ctx.setup.target(i),
-        ctx.setup.source(i),
-        ctx.setup.connect_timeout,
-    )
-    .await;
-    drop(permit);
-    let mut ws = match connected {
-        Ok((ws, _)) => ws,
-        Err(e) => {
-            ctx.connect.fail(&e);
-            return;
-        }
     };
     if let Some(prefix) = &ctx.alias {
         let alias = format!("{prefix}{i}");

@@ -25,10 +25,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    CloseLog, ConnectTally, Setup, close_reason, join_all, seconds, spawn_paced, wait_until,
+    CloseLog, ConnectTally, Setup, close_reason, connect_client, join_all, seconds, spawn_paced,
+    wait_until,
 };
 use crate::cli::JoinArgs;
-use crate::client;
 use crate::procstat::{Monitor, cpu_of};
 use crate::progress::Progress;
 use crate::report::{JoinReport, SERVER_ROLES};
@@ -150,24 +150,8 @@ pub async fn run(setup: &Setup, args: &JoinArgs) -> anyhow::Result<JoinReport> {
 /// list rose, and to what (since the storm began), or `None` if it never
 /// connected.
 async fn client_task(i: usize, ctx: Arc<Ctx>) -> Option<Vec<(Duration, usize)>> {
-    let permit = ctx.connect_slots.acquire().await.ok()?;
-    if ctx.stop.is_cancelled() {
-        return None;
-    }
-    let connected = client::connect(
-        ctx.setup.target(i),
-        ctx.setup.source(i),
-        ctx.setup.connect_timeout,
-    )
-    .await;
-    drop(permit);
-    let mut ws = match connected {
-        Ok((ws, _)) => ws,
-        Err(e) => {
-            ctx.connect.fail(&e);
-            return None;
-        }
-    };
+    let wanted = || !ctx.stop.is_cancelled();
+    let mut ws = connect_client(i, &ctx.setup, &ctx.connect_slots, &ctx.connect, wanted).await?;
     let alias = format!("{}{i:0width$}", ctx.alias_prefix, width = INDEX_WIDTH);
     if let Err(e) = ws.send(Message::text(wire::alias_frame(&alias))).await {
         ctx.connect

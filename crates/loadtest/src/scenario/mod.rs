@@ -267,6 +267,31 @@ where
     })
 }
 
+/// Connects client `i`, holding one of `slots` for the handshake, unless
+/// `wanted` says no once the slot is held. A failure is counted in `tally`.
+pub async fn connect_client(
+    i: usize,
+    setup: &Setup,
+    slots: &tokio::sync::Semaphore,
+    tally: &ConnectTally,
+    wanted: impl Fn() -> bool,
+) -> Option<crate::client::Ws> {
+    let permit = slots.acquire().await.ok()?;
+    if !wanted() {
+        return None;
+    }
+    let connected =
+        crate::client::connect(setup.target(i), setup.source(i), setup.connect_timeout).await;
+    drop(permit);
+    match connected {
+        Ok((ws, _wsid)) => Some(ws),
+        Err(e) => {
+            tally.fail(&e);
+            None
+        }
+    }
+}
+
 /// Polls `done` every 20 ms until it holds or `deadline` passes; `tick` runs
 /// on every poll (progress). Returns whether `done` held.
 pub async fn wait_until(
