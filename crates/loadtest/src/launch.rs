@@ -111,15 +111,8 @@ impl Stack {
                 &format!("127.0.0.1:{port}"),
             ]);
             let log = cfg.log_dir.join(format!("{tag}-baseline{k}.log"));
-            self.spawn("baseline", cmd, &log)?;
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            wait_ready(
-                self.servers.last_mut().expect("just spawned"),
-                addr,
-                true,
-                cfg.startup_timeout,
-            )
-            .await?;
+            self.spawn_ready("baseline", cmd, &log, port, true, cfg.startup_timeout)
+                .await?;
             self.urls.push(format!("ws://127.0.0.1:{port}/ws"));
         }
         Ok(())
@@ -144,20 +137,10 @@ impl Stack {
             .arg("--data-dir")
             .arg(data_dir.path())
             .args(&cfg.worker_args);
-        self.spawn(
-            "worker",
-            cmd,
-            &cfg.log_dir.join(format!("{tag}-worker.log")),
-        )?;
+        let log = cfg.log_dir.join(format!("{tag}-worker.log"));
         self._data_dir = Some(data_dir);
-        let waddr: SocketAddr = ([127, 0, 0, 1], wport).into();
-        wait_ready(
-            self.servers.last_mut().expect("just spawned"),
-            waddr,
-            false,
-            cfg.startup_timeout,
-        )
-        .await?;
+        self.spawn_ready("worker", cmd, &log, wport, false, cfg.startup_timeout)
+            .await?;
 
         let mut gateways = Vec::new();
         for k in 0..n.max(1) {
@@ -170,19 +153,9 @@ impl Stack {
                 cmd.args(["--max-frames-per-sec", &limit.to_string()]);
             }
             cmd.args(&cfg.gateway_args);
-            self.spawn(
-                "gateway",
-                cmd,
-                &cfg.log_dir.join(format!("{tag}-gateway{k}.log")),
-            )?;
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            wait_ready(
-                self.servers.last_mut().expect("just spawned"),
-                addr,
-                true,
-                cfg.startup_timeout,
-            )
-            .await?;
+            let log = cfg.log_dir.join(format!("{tag}-gateway{k}.log"));
+            self.spawn_ready("gateway", cmd, &log, port, true, cfg.startup_timeout)
+                .await?;
             gateways.push(port);
         }
         self.urls = gateways
@@ -192,6 +165,23 @@ impl Stack {
         // Gateways first, so they stop before the worker they drain into.
         self.servers.rotate_left(1);
         Ok(())
+    }
+
+    /// Starts `cmd` (output to `log`) and waits until it serves on
+    /// 127.0.0.1:`port` (`/healthz` when `http`, else a TCP connect).
+    async fn spawn_ready(
+        &mut self,
+        role: &'static str,
+        cmd: Command,
+        log: &Path,
+        port: u16,
+        http: bool,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        self.spawn(role, cmd, log)?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let server = self.servers.last_mut().expect("just spawned");
+        wait_ready(server, addr, http, timeout).await
     }
 
     fn spawn(&mut self, role: &'static str, mut cmd: Command, log: &Path) -> anyhow::Result<()> {

@@ -184,6 +184,29 @@ fn peak_rss(procs: &[ProcReport], role: &str) -> Option<f64> {
     (!peaks.is_empty()).then(|| peaks.iter().sum::<u64>() as f64 / (1024.0 * 1024.0))
 }
 
+/// Peak RSS of each server role present, then the load generator's CPU.
+fn process_metrics(procs: &[ProcReport], loadtest_cpu_seconds: f64) -> Vec<Metric> {
+    let mut m: Vec<Metric> = SERVER_ROLES
+        .iter()
+        .filter_map(|role| {
+            let v = peak_rss(procs, role)?;
+            Some(metric(
+                role_key(role, "peak_rss"),
+                role_label(role, "peak RSS"),
+                "MiB",
+                Some(v),
+            ))
+        })
+        .collect();
+    m.push(metric(
+        "loadtest_cpu_s",
+        "loadtest CPU",
+        "s",
+        Some(loadtest_cpu_seconds),
+    ));
+    m
+}
+
 impl Report {
     pub fn name(&self) -> &'static str {
         match self {
@@ -254,22 +277,7 @@ impl Report {
                         ));
                     }
                 }
-                for role in SERVER_ROLES {
-                    if let Some(v) = peak_rss(&r.processes, role) {
-                        m.push(metric(
-                            role_key(role, "peak_rss"),
-                            role_label(role, "peak RSS"),
-                            "MiB",
-                            Some(v),
-                        ));
-                    }
-                }
-                m.push(metric(
-                    "loadtest_cpu_s",
-                    "loadtest CPU",
-                    "s",
-                    Some(r.loadtest_cpu_seconds),
-                ));
+                m.extend(process_metrics(&r.processes, r.loadtest_cpu_seconds));
                 m.push(metric(
                     "sender_lag_ms",
                     "sender lag max",
@@ -364,22 +372,7 @@ impl Report {
                         Some(r.server_cpu_seconds),
                     ),
                 ];
-                for role in SERVER_ROLES {
-                    if let Some(v) = peak_rss(&r.processes, role) {
-                        m.push(metric(
-                            role_key(role, "peak_rss"),
-                            role_label(role, "peak RSS"),
-                            "MiB",
-                            Some(v),
-                        ));
-                    }
-                }
-                m.push(metric(
-                    "loadtest_cpu_s",
-                    "loadtest CPU",
-                    "s",
-                    Some(r.loadtest_cpu_seconds),
-                ));
+                m.extend(process_metrics(&r.processes, r.loadtest_cpu_seconds));
                 m
             }
         }

@@ -113,18 +113,8 @@ pub struct ClientTally {
     /// Last seq received per sender (`u32::MAX`: none yet).
     last_seq: Vec<u32>,
     last_id: Option<u64>,
-    pub received: u64,
-    pub duplicates: u64,
-    /// IDs going backwards or a sender's messages out of seq order.
-    pub order_violations: u64,
-    /// A message seen under another ID than another client saw it.
-    pub id_conflicts: u64,
-    /// Chat frames of this run that carried no `ID`.
-    pub missing_ids: u64,
-    /// Chat frames not of this run (history, other users).
-    pub foreign: u64,
-    pub first_recv_nanos: Option<u64>,
-    pub last_recv_nanos: Option<u64>,
+    /// This client's counts, summed over clients into the run's [`Totals`].
+    pub counts: Totals,
 }
 
 impl ClientTally {
@@ -146,22 +136,22 @@ impl ClientTally {
         now_nanos: u64,
     ) {
         let Some((marker, g)) = marker.and_then(|m| book.index(&m).map(|g| (m, g))) else {
-            self.foreign += 1;
+            self.counts.foreign += 1;
             return;
         };
         let (word, bit) = ((g / 64) as usize, 1u64 << (g % 64));
         if self.seen[word] & bit != 0 {
-            self.duplicates += 1;
+            self.counts.duplicates += 1;
             return;
         }
         self.seen[word] |= bit;
-        self.received += 1;
+        self.counts.received += 1;
         let shard = client % SHARDS;
         book.delivered[shard].0.fetch_add(1, Ordering::Relaxed);
 
         let last = &mut self.last_seq[marker.sender as usize];
         if *last != u32::MAX && marker.seq < *last {
-            self.order_violations += 1;
+            self.counts.order_violations += 1;
         }
         // Seqs stay far below u32::MAX: the plan's size is bounded.
         *last = if *last == u32::MAX {
@@ -173,7 +163,7 @@ impl ClientTally {
         match id {
             Some(id) => {
                 if self.last_id.is_some_and(|last| id <= last) {
-                    self.order_violations += 1;
+                    self.counts.order_violations += 1;
                 }
                 self.last_id = Some(self.last_id.map_or(id, |last| last.max(id)));
                 let slot = &book.ids[g as usize];
@@ -184,13 +174,13 @@ impl ClientTally {
                         slot.compare_exchange(0, tagged, Ordering::Relaxed, Ordering::Relaxed)
                         && other != tagged
                     {
-                        self.id_conflicts += 1;
+                        self.counts.id_conflicts += 1;
                     }
                 } else if known != tagged {
-                    self.id_conflicts += 1;
+                    self.counts.id_conflicts += 1;
                 }
             }
-            None => self.missing_ids += 1,
+            None => self.counts.missing_ids += 1,
         }
 
         let latency_us = now_nanos.saturating_sub(marker.sent_nanos) / 1_000;
@@ -198,8 +188,8 @@ impl ClientTally {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .saturating_record(latency_us.max(1));
-        self.first_recv_nanos.get_or_insert(now_nanos);
-        self.last_recv_nanos = Some(now_nanos);
+        self.counts.first_recv_nanos.get_or_insert(now_nanos);
+        self.counts.last_recv_nanos = Some(now_nanos);
     }
 
     /// Frees the bitsets once the counts are all that is left to read.
@@ -209,21 +199,25 @@ impl ClientTally {
     }
 }
 
-/// The run's totals over all clients.
+/// Delivery counts: one client's, or the run's over all clients.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Totals {
     pub received: u64,
     pub duplicates: u64,
+    /// IDs going backwards or a sender's messages out of seq order.
     pub order_violations: u64,
+    /// A message seen under another ID than another client saw it.
     pub id_conflicts: u64,
+    /// Chat frames of this run that carried no `ID`.
     pub missing_ids: u64,
+    /// Chat frames not of this run (history, other users).
     pub foreign: u64,
     pub first_recv_nanos: Option<u64>,
     pub last_recv_nanos: Option<u64>,
 }
 
 impl Totals {
-    pub fn add(&mut self, t: &ClientTally) {
+    pub fn add(&mut self, t: &Totals) {
         self.received += t.received;
         self.duplicates += t.duplicates;
         self.order_violations += t.order_violations;
@@ -270,7 +264,7 @@ mod tests {
             for (i, (s, q)) in [(0, 0), (1, 0), (0, 1), (1, 1)].into_iter().enumerate() {
                 t.on_chat(&book, client, m(s, q), Some(10 + i as u64), 2_000_000);
             }
-            totals.add(&t);
+            totals.add(&t.counts);
         }
         assert_eq!(totals.received, 12);
         assert_eq!(book.delivered(), 12);
@@ -300,7 +294,10 @@ mod tests {
             5_000,
         );
         t.on_chat(&book, 0, m(0, 7), Some(5), 5_000);
-        assert_eq!((t.received, t.duplicates, t.foreign), (1, 2, 3));
+        assert_eq!(
+            (t.counts.received, t.counts.duplicates, t.counts.foreign),
+            (1, 2, 3)
+        );
     }
 
     #[test]
@@ -315,8 +312,8 @@ mod tests {
         b.on_chat(&book, 1, m(1, 0), Some(1), 5_000);
         b.on_chat(&book, 1, m(0, 0), Some(2), 5_000);
         let mut totals = Totals::default();
-        totals.add(&a);
-        totals.add(&b);
+        totals.add(&a.counts);
+        totals.add(&b.counts);
         assert!(totals.id_conflicts > 0);
         assert!(!totals.one_order());
 
@@ -325,13 +322,13 @@ mod tests {
         let mut c = ClientTally::new(&book);
         c.on_chat(&book, 0, m(0, 0), Some(2), 5_000);
         c.on_chat(&book, 0, m(1, 0), Some(1), 5_000);
-        assert_eq!(c.order_violations, 1);
+        assert_eq!(c.counts.order_violations, 1);
 
         // A sender's messages out of order.
         let book = RunBook::new(9, 1, 2);
         let mut d = ClientTally::new(&book);
         d.on_chat(&book, 0, m(0, 1), None, 5_000);
         d.on_chat(&book, 0, m(0, 0), None, 5_000);
-        assert_eq!((d.order_violations, d.missing_ids), (1, 2));
+        assert_eq!((d.counts.order_violations, d.counts.missing_ids), (1, 2));
     }
 }

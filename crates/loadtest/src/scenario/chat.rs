@@ -219,7 +219,7 @@ pub async fn run(setup: &Setup, args: &ChatArgs) -> anyhow::Result<ChatReport> {
     let handles = spawner.await.context("client spawner failed")?;
     let mut totals = Totals::default();
     for tally in join_all(handles).await?.into_iter().flatten() {
-        totals.add(&tally);
+        totals.add(&tally.counts);
     }
     let latency = Latency::from_histogram(&ctx.book.latency());
     let window_secs = totals
@@ -358,7 +358,7 @@ where
                             chat.id,
                             now,
                         ),
-                        Err(_) => tally.foreign += 1,
+                        Err(_) => tally.counts.foreign += 1,
                     }
                 }
                 FrameKind::Error => {
