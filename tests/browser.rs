@@ -7,8 +7,12 @@
 //! and restarted under a page that must notice, reconnect by itself and catch up on what
 //! it missed without duplicates, and finally the worker restarts under both pages.
 //!
+//! A second test drives the tutorial's own page logic (a page of ours written from the
+//! tutorial's description, served by the test) against the gateway, next to our page:
+//! the seed page must read the online list and pass Latin-1 text through intact.
+//!
 //! Needs `chromium` and `chromedriver` on PATH (`apt-get install -y chromium
-//! chromium-driver`, or `.ci/browser-deps`); without them the test fails and says so.
+//! chromium-driver`, or `.ci/browser-deps`); without them the tests fail and say so.
 //! Screenshots at desktop and phone width land in `target/browser-artifacts/`.
 
 mod support;
@@ -45,7 +49,7 @@ const PHONE: (u32, u32) = (390, 844);
 async fn chat_page_in_a_real_browser() {
     let started = Instant::now();
     let artifacts = artifacts_dir();
-    let mut driver = ChromeDriver::start(&artifacts);
+    let mut driver = ChromeDriver::start(&artifacts, "chromedriver.log");
     eprintln!(
         "browser: chromedriver up on {} after {:?}",
         driver.url,
@@ -94,6 +98,10 @@ async fn scenario(
     pages.push(Page::open(driver, "bob", &cluster.gateway_url(1), Viewport::Phone).await);
     let (alice, bob) = (&pages[0], &pages[1]);
 
+    // The page runs under the gateway's Content-Security-Policy, which allows its inline
+    // script and style by hash and nothing else.
+    alice.assert_allowed_by_csp(cluster.gateway_addr(0)).await;
+
     let alice_wsid = alice.wait_connected().await;
     let bob_wsid = bob.wait_connected().await;
     assert_ne!(
@@ -111,12 +119,79 @@ async fn scenario(
     }
     step("both pages connected");
 
+    // Before picking a name: each page says it is connected but unnamed, and how to pick
+    // a name; a post goes out as "default" and is marked as the poster's own only in the
+    // poster's page.
+    for page in [alice, bob] {
+        page.wait_js(
+            "the page says no name is picked yet",
+            "const hint = document.getElementById('namehint');
+             return !hint.hidden && hint.getClientRects().length > 0
+                 && hint.textContent.includes('alias NAME')
+                 && document.getElementById('me').textContent === 'no name yet'
+                 && document.getElementById('inputline').placeholder.includes('alias NAME');",
+        )
+        .await;
+    }
+    alice.screenshot(artifacts, "desktop-unnamed.png").await;
+    bob.type_line("said before picking a name").await;
+    let unnamed = alice.wait_messages(1).await;
+    let unnamed_in_bob = bob.wait_messages(1).await;
+    assert_eq!(unnamed_in_bob, unnamed);
+    let (in_alice, in_bob) = (&unnamed[0], &unnamed_in_bob[0]);
+    assert_eq!(
+        (in_alice.author.as_str(), in_alice.text.as_str()),
+        ("default", "said before picking a name")
+    );
+    assert!(
+        in_bob.own,
+        "bob's page marks bob's unnamed post as his: {in_bob:?}"
+    );
+    assert!(
+        !in_alice.own,
+        "alice's page marks bob's post as hers: {in_alice:?}"
+    );
+    bob.screenshot(artifacts, "phone-unnamed.png").await;
+    step("unnamed state shown, own unnamed post marked");
+
     // Renaming: both online lists show both names.
     alice.type_line("alias alice").await;
     bob.type_line("alias bob").await;
     for page in [alice, bob] {
         page.wait_users(&["alice", "bob"], &[]).await;
     }
+    alice
+        .wait_js(
+            "the name hint is gone and the header shows the name",
+            "return document.getElementById('namehint').hidden
+                 && document.getElementById('me').textContent === 'alice'",
+        )
+        .await;
+    // A name the server would refuse is refused in the page, and the old name stays.
+    alice
+        .js_value("document.getElementById('inputline').value = 'alias ev\\u202Eil'")
+        .await;
+    alice
+        .input()
+        .await
+        .send_keys(&Key::Enter.to_string())
+        .await
+        .expect("press Enter");
+    alice
+        .wait_js(
+            "the status line refuses the name",
+            "return document.getElementById('status').textContent.includes('not changed')",
+        )
+        .await;
+    assert_eq!(
+        alice
+            .js::<String>("return document.getElementById('me').textContent")
+            .await,
+        "alice"
+    );
+    alice
+        .js_value("document.getElementById('inputline').value = ''")
+        .await;
     step("aliases shown in both online lists");
 
     // Messages from both pages, interleaved without waiting, through both gateways.
@@ -137,8 +212,8 @@ async fn scenario(
         }
     }
     let expected: Vec<(&str, &str)> = sent.iter().map(|(p, text)| (p.name, *text)).collect();
-    let seen_by_alice = alice.wait_messages(expected.len()).await;
-    let seen_by_bob = bob.wait_messages(expected.len()).await;
+    let seen_by_alice = alice.wait_messages(unnamed.len() + expected.len()).await;
+    let seen_by_bob = bob.wait_messages(unnamed.len() + expected.len()).await;
     assert_eq!(
         seen_by_alice, seen_by_bob,
         "both pages must show the same messages in the same order"
@@ -397,6 +472,252 @@ async fn scenario(
     step("a wiped log: both pages dropped the old messages and show the new one");
 }
 
+// ---------------------------------------------------------------------------------------
+// The tutorial's page logic against the gateway.
+
+/// A page that does what the tutorial's page does, written for this test from the
+/// tutorial's description: it connects to `/csp/user/Chat.Server.cls` on the gateway,
+/// renames with `alias NAME`, posts `btoa(line)` (base64 of Latin-1), reads `Status`,
+/// `userlist` (`Users[i].User`) and `Chat` (`atob(Message)`, a raw Latin-1 decode). Two
+/// departures that change nothing the test checks: the gateway's address comes from the
+/// query string (the page is served by the test, not by the gateway), and text is put
+/// in the page with `textContent` (the tutorial builds HTML strings), with no `alert()`
+/// on error (which would block WebDriver).
+const SEED_PAGE: &str = r#"<!doctype html>
+<html>
+<head>
+<meta charset="utf-8">
+<title>Chat (the tutorial's page logic)</title>
+</head>
+<body>
+<h1 id="headline">CHAT</h1>
+<h2>Online users</h2>
+<ul id="userlist"></ul>
+<ul id="chat"></ul>
+<input id="inputline" type="text">
+<button id="send" type="button">Send</button>
+<script>
+var alias = "";
+var host = new URLSearchParams(window.location.search).get("gateway") || window.location.host;
+var ws = new WebSocket((window.location.protocol === "https:" ? "wss://" : "ws://") + host +
+  "/csp/user/Chat.Server.cls");
+
+ws.onopen = function () {
+  document.getElementById("headline").textContent = "CHAT - CONNECTED";
+};
+ws.onerror = function () {
+  document.getElementById("headline").textContent = "CHAT - error";
+};
+ws.onclose = function () {
+  ws = null;
+  document.getElementById("headline").textContent = "CHAT - disconnected";
+};
+ws.onmessage = function (event) {
+  var data = JSON.parse(event.data);
+  switch (data.Type) {
+    case "Status":
+      document.getElementById("headline").textContent = "CHAT - connected - " + data.WSID;
+      break;
+    case "userlist":
+      var list = document.getElementById("userlist");
+      list.replaceChildren();
+      for (var i = 0; i < data.Users.length; i++) {
+        list.append(wrapuser(data.Users[i].User));
+      }
+      break;
+    case "Chat":
+      document.getElementById("chat").append(wrapmessage(data));
+      break;
+  }
+};
+
+function wrapuser(name) {
+  var li = document.createElement("li");
+  li.textContent = name;
+  return li;
+}
+
+function wrapmessage(data) {
+  var li = document.createElement("li");
+  li.className = "msg";
+  var author = document.createElement("b");
+  author.className = "author";
+  author.textContent = data.Author;
+  var sent = document.createElement("i");
+  sent.className = "sent";
+  sent.textContent = data.Sent;
+  var text = document.createElement("span");
+  text.className = "text";
+  text.textContent = atob(data.Message);
+  li.append(author, " ", sent, " ", text);
+  return li;
+}
+
+function send() {
+  var input = document.getElementById("inputline");
+  var line = input.value;
+  if (line.startsWith("alias ")) {
+    alias = line.split(" ")[1];
+    if (alias === "") alias = "default";
+    ws.send(JSON.stringify({ User: alias }));
+  } else {
+    var message = btoa(line);
+    if (ws && message !== "") ws.send(JSON.stringify({ Message: message, Author: alias }));
+  }
+  input.value = "";
+}
+
+document.getElementById("send").onclick = send;
+document.getElementById("inputline").onkeydown = function (event) {
+  if (event.key === "Enter") send();
+};
+</script>
+</body>
+</html>
+"#;
+
+/// Serves [`SEED_PAGE`] over plain HTTP/1.1 on a loopback port, for any path, until the
+/// test's runtime ends. Returns `http://127.0.0.1:port`.
+async fn serve_seed_page() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind the seed page's server");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                // Read the request head; the body (there is none) and the path do not
+                // matter: every request gets the page.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{SEED_PAGE}",
+                    SEED_PAGE.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tutorials_page_in_a_real_browser() {
+    let started = Instant::now();
+    let artifacts = artifacts_dir();
+    let mut driver = ChromeDriver::start(&artifacts, "chromedriver-seed.log");
+    let cluster = Cluster::builder()
+        .mode(Mode::Shared)
+        .gateways(2)
+        .start()
+        .await;
+    let seed_url = serve_seed_page().await;
+
+    let mut pages = Vec::new();
+    let outcome = std::panic::AssertUnwindSafe(seed_scenario(
+        &cluster, &driver, &seed_url, &artifacts, &mut pages,
+    ))
+    .catch_unwind()
+    .await;
+    for page in pages.drain(..) {
+        page.close().await;
+    }
+    driver.stop();
+    eprintln!("browser (seed page): finished in {:?}", started.elapsed());
+    match outcome {
+        Ok(()) => cluster.shutdown().await,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// Two tutorial pages on two gateways and one of our pages: names show in every list,
+/// a Latin-1 line from a tutorial page reads right everywhere, and a closed page leaves
+/// the lists.
+async fn seed_scenario(
+    cluster: &Cluster,
+    driver: &ChromeDriver,
+    seed_url: &str,
+    artifacts: &Path,
+    pages: &mut Vec<Page>,
+) {
+    let t = Instant::now();
+    let step = |what: &str| eprintln!("browser (seed page): {what} ({:?})", t.elapsed());
+    for (name, gateway) in [("ann", 0), ("bob", 1)] {
+        let url = format!("{seed_url}/?gateway={}", cluster.gateway_addr(gateway));
+        pages.push(Page::open_url(driver, name, &url, Viewport::Desktop).await);
+    }
+    pages.push(Page::open(driver, "ours", &cluster.gateway_url(0), Viewport::Desktop).await);
+    let (ann, bob, ours) = (&pages[0], &pages[1], &pages[2]);
+    for page in [ann, bob, ours] {
+        page.wait_connected().await;
+    }
+    step("two tutorial pages and ours connected");
+
+    ann.type_line("alias ann").await;
+    bob.type_line("alias bob").await;
+    ours.type_line("alias ours").await;
+    // Every entry is readable: the tutorial page shows `Users[i].User`, which is
+    // "undefined" (or empty) when the list has another shape.
+    for page in [ann, bob, ours] {
+        page.wait_users(&["ann", "bob", "ours"], &["", "undefined", "null"])
+            .await;
+    }
+    step("names readable in every online list");
+
+    // btoa("café crème") is Latin-1 bytes: the tutorial pages show it with atob, our page
+    // falls back to Latin-1 because it is not UTF-8.
+    const LATIN1: &str = "café crème";
+    ann.type_line(LATIN1).await;
+    for page in [ann, bob] {
+        page.wait_js(
+            "the tutorial page shows ann's Latin-1 line",
+            &format!(
+                "const m = [...document.querySelectorAll('#chat .msg')].pop();
+                 return m !== undefined && m.querySelector('.author').textContent === 'ann'
+                     && m.querySelector('.text').textContent === {};",
+                json!(LATIN1)
+            ),
+        )
+        .await;
+    }
+    let shown = ours.wait_messages(1).await;
+    let last = shown.last().expect("a message");
+    assert_eq!((last.author.as_str(), last.text.as_str()), ("ann", LATIN1));
+    assert!(!last.own, "ann's line is not ours: {last:?}");
+    // And our page's own Latin-1-range text, sent as UTF-8, reads right in our page.
+    ours.type_line("déjà vu").await;
+    let shown = ours.wait_messages(2).await;
+    let last = shown.last().expect("a message");
+    assert_eq!(
+        (last.author.as_str(), last.text.as_str()),
+        ("ours", "déjà vu")
+    );
+    assert!(last.own);
+    ours.screenshot(artifacts, "desktop-with-tutorial-pages.png")
+        .await;
+    step("a Latin-1 line reads right in the tutorial pages and in ours");
+
+    let bob = pages.remove(1);
+    bob.close().await;
+    let (ann, ours) = (&pages[0], &pages[1]);
+    for page in [ann, ours] {
+        page.wait_users(&["ann", "ours"], &["bob"]).await;
+    }
+    step("a closed tutorial page left the other lists");
+}
+
 /// The texts a page sends in the burst step.
 fn burst(name: &str) -> Vec<String> {
     (0..BURST).map(|i| format!("{name} burst {i}")).collect()
@@ -498,6 +819,17 @@ impl Page {
         base_url: &str,
         viewport: Viewport,
     ) -> Page {
+        let url = format!("{}/", base_url.trim_end_matches('/'));
+        Page::open_url(driver, name, &url, viewport).await
+    }
+
+    /// Starts a browser session and loads `url`.
+    async fn open_url(
+        driver: &ChromeDriver,
+        name: &'static str,
+        url: &str,
+        viewport: Viewport,
+    ) -> Page {
         let mut options = json!({
             "binary": driver.chromium.to_string_lossy(),
             "args": [
@@ -531,12 +863,72 @@ impl Page {
         if viewport == Viewport::Desktop {
             page.fit_viewport(DESKTOP).await;
         }
-        let url = format!("{}/", base_url.trim_end_matches('/'));
         page.client
-            .goto(&url)
+            .goto(url)
             .await
             .unwrap_or_else(|e| panic!("{name}: could not load {url}: {e}"));
         page
+    }
+
+    /// The page's inline `<script>` and `<style>` are allowed by the hashes in the
+    /// Content-Security-Policy the gateway at `gateway` serves it with, and that policy
+    /// is in force (an injected inline script does not run). On a mismatch, says which
+    /// hashes to put in `crates/gateway/src/http.rs`.
+    async fn assert_allowed_by_csp(&self, gateway: SocketAddr) {
+        let (status, headers, _) = support::http_get_with_headers(gateway, "/")
+            .await
+            .expect("GET / from the gateway");
+        assert_eq!(status, 200);
+        let csp = headers
+            .iter()
+            .find(|(name, _)| name == "content-security-policy")
+            .map(|(_, value)| value.clone())
+            .unwrap_or_else(|| panic!("the page has no Content-Security-Policy: {headers:?}"));
+        // The browser hashes what it parsed, exactly as CSP does.
+        let hashes = self
+            .client
+            .execute_async(
+                "const done = arguments[arguments.length - 1];
+                 const hash = async (el) => {
+                     const digest = await crypto.subtle.digest('SHA-256',
+                         new TextEncoder().encode(el.textContent));
+                     return \"'sha256-\" + btoa(String.fromCharCode(...new Uint8Array(digest)))
+                         + \"'\";
+                 };
+                 Promise.all([hash(document.querySelector('script')),
+                              hash(document.querySelector('style'))])
+                     .then(([script, style]) => done({ script, style }),
+                           (e) => done({ error: String(e) }));",
+                vec![],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{}: hashing the page: {e}", self.name));
+        for part in ["script", "style"] {
+            let hash = hashes[part]
+                .as_str()
+                .unwrap_or_else(|| panic!("{}: hashing the page: {hashes}", self.name));
+            assert!(
+                csp.contains(hash),
+                "\n\nthe page's inline <{part}> hashes to {hash}, which the gateway's \
+                 Content-Security-Policy does not allow, so the browser will not apply it.\n\
+                 Put {hash} in CONTENT_SECURITY_POLICY (crates/gateway/src/http.rs).\n\
+                 The policy now: {csp}\n\n"
+            );
+        }
+        let hole = self
+            .js_value(
+                "const s = document.createElement('script');
+                 s.textContent = 'window.__cspHole = 1';
+                 document.body.append(s);
+                 s.remove();
+                 return window.__cspHole === undefined ? null : window.__cspHole;",
+            )
+            .await;
+        assert!(
+            hole.is_null(),
+            "{}: an injected inline script ran; the CSP is not in force",
+            self.name
+        );
     }
 
     /// Sizes the window so the page itself (not the window) is `width` x `height`.
@@ -870,7 +1262,7 @@ struct ChromeDriver {
 impl ChromeDriver {
     /// Starts chromedriver on a free local port; fails the test when the browser or the
     /// driver is not installed.
-    fn start(artifacts: &Path) -> ChromeDriver {
+    fn start(artifacts: &Path, log_name: &str) -> ChromeDriver {
         let missing: Vec<&str> = ["chromium", "chromedriver"]
             .into_iter()
             .filter(|tool| find_on_path(tool).is_none())
@@ -887,8 +1279,8 @@ impl ChromeDriver {
         let chromedriver = find_on_path("chromedriver").expect("checked above");
 
         let port = free_port();
-        let log = std::fs::File::create(artifacts.join("chromedriver.log"))
-            .expect("create chromedriver.log");
+        let log = std::fs::File::create(artifacts.join(log_name))
+            .unwrap_or_else(|e| panic!("create {log_name}: {e}"));
         let mut command = Command::new(&chromedriver);
         command
             .arg(format!("--port={port}"))
@@ -916,7 +1308,7 @@ impl ChromeDriver {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 panic!(
-                    "chromedriver exited at startup ({status}); see target/browser-artifacts/chromedriver.log"
+                    "chromedriver exited at startup ({status}); see target/browser-artifacts/{log_name}"
                 );
             }
             assert!(

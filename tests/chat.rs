@@ -5,7 +5,10 @@ mod support;
 
 use std::collections::HashSet;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use futures_util::SinkExt;
+use serde_json::json;
 
 use support::{Client, Cluster, Ended, Mode, http_get};
 use tokio_tungstenite::tungstenite::Message;
@@ -45,6 +48,9 @@ both_modes!(
     flooding_client_is_slowed_not_dropped,
     no_worker_means_a_clear_refusal_until_it_is_back,
     a_client_that_pings_and_never_reads_is_still_cut,
+    the_seed_pages_wire_format,
+    aliases_with_controls_or_bidi_overrides_are_refused,
+    a_frame_with_user_and_message_is_refused,
 );
 
 async fn status_comes_first_with_a_unique_id(mode: Mode) {
@@ -169,8 +175,10 @@ async fn bad_frames_get_an_error_and_the_socket_stays_usable(mode: Mode) {
         (r#"{"Hello":"x"}"#, "bad_shape"),
         (r#"{"User":42}"#, "bad_alias"),
         (r#"{"Message":"%%% not base64"}"#, "bad_message"),
-        (r#"{"Message":"/w=="}"#, "bad_message"),
+        (r#"{"Message":"/w"}"#, "bad_message"),
         (r#"{"Message":""}"#, "bad_message"),
+        (r#"{"User":"x\u202e"}"#, "bad_alias"),
+        (r#"{"User":"x","Message":"eA=="}"#, "ambiguous_frame"),
     ];
     for (frame, code) in cases {
         bad.send_text(frame).await;
@@ -183,6 +191,96 @@ async fn bad_frames_get_an_error_and_the_socket_stays_usable(mode: Mode) {
     assert_eq!(bad.chats(1).await[0].2, "still here");
     let v = other.next_of("Chat").await;
     assert_eq!(support::unb64(v["Message"].as_str().unwrap()), "still here");
+    cluster.shutdown().await;
+}
+
+/// What the tutorial's own page sends and reads: `btoa` of Latin-1 text,
+/// passed on byte for byte, and the online list as `[{"User":..}]`.
+async fn the_seed_pages_wire_format(mode: Mode) {
+    let cluster = Cluster::builder().mode(mode).gateways(2).start().await;
+    let mut ann = Client::connect(&cluster.ws_url(0)).await;
+    let mut bob = Client::connect(&cluster.ws_url(1)).await;
+    ann.alias("ann").await;
+    bob.alias("bob").await;
+    bob.userlist_until(|u| u.len() == 2).await;
+    // A list of objects, each with a `User` field, as the seed page reads it.
+    ann.alias("ann2").await;
+    let list = loop {
+        let v = bob.next_of("userlist").await;
+        if support::userlist_names(&v).contains(&"ann2".to_owned()) {
+            break v;
+        }
+    };
+    let mut users = list["Users"].as_array().expect("Users is an array").clone();
+    users.sort_by_key(|u| u.to_string());
+    assert_eq!(
+        users,
+        vec![json!({ "User": "ann2" }), json!({ "User": "bob" })],
+        "{list}"
+    );
+    // btoa("café crème"): Latin-1 bytes, which are not UTF-8.
+    let latin1 = STANDARD.encode(b"caf\xe9 cr\xe8me");
+    assert!(std::str::from_utf8(&STANDARD.decode(&latin1).unwrap()).is_err());
+    ann.send_text(json!({ "Message": latin1, "Author": "ann2" }).to_string())
+        .await;
+    for c in [&mut ann, &mut bob] {
+        let v = c.next_of("Chat").await;
+        assert_eq!(v["Message"], latin1.as_str(), "passed on unchanged: {v}");
+        assert_eq!(v["Author"], "ann2");
+    }
+    cluster.shutdown().await;
+}
+
+/// Control characters and bidi overrides in a name are refused, not
+/// stripped: the rename does not happen, the old name stays, and the socket
+/// is still usable.
+async fn aliases_with_controls_or_bidi_overrides_are_refused(mode: Mode) {
+    let cluster = Cluster::builder().mode(mode).start().await;
+    let mut ann = Client::connect(&cluster.ws_url(0)).await;
+    let mut watcher = Client::connect(&cluster.ws_url(0)).await;
+    ann.alias("ann").await;
+    watcher.userlist_until(|u| u == ["ann"]).await;
+    for bad in [
+        "ann\u{202E}nib",
+        "\u{2066}admin\u{2069}",
+        "a\u{1b}[2Jb",
+        "line\nbreak",
+        "nul\u{0}",
+        "c1\u{9b}x",
+        "del\u{7f}",
+    ] {
+        ann.alias(bad).await;
+        let v = ann.next_of("Error").await;
+        assert_eq!(v["Code"], "bad_alias", "for {bad:?}: {v}");
+    }
+    // The name is unchanged: a post is still ann's, and a rename that is
+    // fine still works.
+    ann.say("still ann").await;
+    let got = watcher.chats(1).await;
+    assert_eq!((got[0].1.as_str(), got[0].2.as_str()), ("ann", "still ann"));
+    ann.alias("  ann again\t").await;
+    watcher.userlist_until(|u| u == ["ann again"]).await;
+    cluster.shutdown().await;
+}
+
+/// `{"User":..,"Message":..}` used to rename and drop the post without a
+/// word. Now neither half is done and the sender is told.
+async fn a_frame_with_user_and_message_is_refused(mode: Mode) {
+    let cluster = Cluster::builder().mode(mode).start().await;
+    let mut ann = Client::connect(&cluster.ws_url(0)).await;
+    let mut watcher = Client::connect(&cluster.ws_url(0)).await;
+    ann.alias("ann").await;
+    watcher.userlist_until(|u| u == ["ann"]).await;
+    ann.send_text(json!({ "User": "mallory", "Message": support::b64("hi") }).to_string())
+        .await;
+    let v = ann.next_of("Error").await;
+    assert_eq!(v["Code"], "ambiguous_frame", "{v}");
+    assert!(v["Error"].as_str().is_some_and(|e| !e.is_empty()));
+    // Usable, still ann, and the refused post never reached anyone.
+    ann.say("after").await;
+    let got = watcher.chats(1).await;
+    assert_eq!((got[0].1.as_str(), got[0].2.as_str()), ("ann", "after"));
+    assert_eq!(ann.chats(1).await[0].2, "after");
     cluster.shutdown().await;
 }
 
@@ -571,9 +669,29 @@ async fn a_client_that_never_sends_its_request_is_dropped() {
 async fn http_routes() {
     let cluster = Cluster::builder().start().await;
     let addr = cluster.gateway_addr(0);
-    let (status, body) = http_get(addr, "/").await.unwrap();
+    let (status, headers, body) = support::http_get_with_headers(addr, "/").await.unwrap();
     assert_eq!(status, 200);
     assert!(body.contains("<html"), "the chat page");
+    // The page is served locked down: it may not be framed, sniffed as
+    // another type, or load and run anything but its own inline code.
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("no {name} header in {headers:?}"))
+    };
+    assert_eq!(header("x-frame-options"), "DENY");
+    assert_eq!(header("x-content-type-options"), "nosniff");
+    let csp = header("content-security-policy");
+    for directive in [
+        "default-src 'none'",
+        "connect-src 'self' ws: wss:",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(directive), "CSP lacks {directive:?}: {csp}");
+    }
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
     assert_eq!(
         http_get(addr, "/healthz").await.unwrap(),
         (200, "ok\n".into())

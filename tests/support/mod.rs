@@ -246,6 +246,16 @@ async fn bind_again(addr: SocketAddr) -> TcpListener {
 
 /// A minimal HTTP/1.1 GET: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    http_get_with_headers(addr, path)
+        .await
+        .map(|(status, _, body)| (status, body))
+}
+
+/// A minimal HTTP/1.1 GET: (status, headers with lowercase names, body).
+pub async fn http_get_with_headers(
+    addr: SocketAddr,
+    path: &str,
+) -> Option<(u16, Vec<(String, String)>, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(addr).await.ok()?;
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
@@ -257,8 +267,27 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
         .ok()?;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    Some((status, headers, body.to_owned()))
+}
+
+/// The names in a userlist frame, which must have the seed's shape:
+/// `"Users":[{"User":"ann"},{"User":"bob"}]`.
+pub fn userlist_names(frame: &Value) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        #[serde(rename = "User")]
+        user: String,
+    }
+    let entries: Vec<Entry> = serde_json::from_value(frame["Users"].clone())
+        .unwrap_or_else(|e| panic!("userlist not in the seed's shape ({e}): {frame}"));
+    entries.into_iter().map(|e| e.user).collect()
 }
 
 pub fn b64(text: &str) -> String {
@@ -378,11 +407,11 @@ impl Client {
         }
     }
 
-    /// Reads until a user list satisfying `pred` arrives.
+    /// Reads until a user list satisfying `pred` arrives; returns its names.
     pub async fn userlist_until(&mut self, pred: impl Fn(&[String]) -> bool) -> Vec<String> {
         loop {
             let v = self.next_of("userlist").await;
-            let users: Vec<String> = serde_json::from_value(v["Users"].clone()).unwrap();
+            let users = userlist_names(&v);
             if pred(&users) {
                 return users;
             }

@@ -23,6 +23,22 @@ use crate::session::{self, RateLimit};
 const INDEX_HTML: &str = include_str!("../assets/index.html");
 /// Where the page learns the gateway's frame limit (see [`index_page`]).
 const MAX_FRAME_ATTR: &str = "data-max-frame=\"65536\"";
+/// What the page may do: run its own inline `<script>` and `<style>`, allowed
+/// by their SHA-256 so that nothing injected into it (a `<script>`, an
+/// `onerror=` attribute) would run, and talk to this gateway's WebSocket.
+/// Nothing else: no other source, no framing, no form posts.
+///
+/// The hashes must follow the page: after changing its script or style,
+/// `tests/browser.rs` fails and prints the hashes to put here.
+const CONTENT_SECURITY_POLICY: &str = concat!(
+    "default-src 'none'; ",
+    "script-src 'sha256-7JpwBa9wqdJfrN0472Ip7EgQqoHEBFAUVh/Mkviwoy4='; ",
+    "style-src 'sha256-Ag19RPKEdAe1X++2XGfL8/jfCjjucIjHO55Jlrf2SGA='; ",
+    "connect-src 'self' ws: wss:; ",
+    "base-uri 'none'; ",
+    "form-action 'none'; ",
+    "frame-ancestors 'none'",
+);
 
 /// The page with this gateway's frame limit written in, so the page refuses
 /// an oversize message itself instead of having its socket closed (1009).
@@ -51,9 +67,20 @@ pub async fn handle(
     let response = match (req.method(), path) {
         (&Method::GET, "/" | "/index.html") => {
             let mut r = Response::new(Full::new(gateway.page.clone()));
-            r.headers_mut().insert(
+            let h = r.headers_mut();
+            h.insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            h.insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+            );
+            // For browsers that predate CSP's frame-ancestors.
+            h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+            h.insert(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
             );
             r
         }

@@ -594,7 +594,7 @@ mod tests {
         );
         assert!(hub.on_text(1, r#"{"x":1}"#).unwrap().contains("Error"));
         let (list, _) = hub.userlist_frame();
-        assert_eq!(&*list, r#"{"Type":"userlist","Users":["ann"]}"#);
+        assert_eq!(&*list, r#"{"Type":"userlist","Users":[{"User":"ann"}]}"#);
     }
 
     #[test]

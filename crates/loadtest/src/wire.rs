@@ -200,10 +200,15 @@ fn parse_u64(digits: &[u8]) -> Option<u64> {
     })
 }
 
-/// Counts how many entries of a userlist frame are aliases of this run
-/// (`"<prefix>` occurrences), skipping the scan when the frame is too short to
-/// hold `want` of them. Aliases of one run are fixed-width, so
-/// `min_entry_len` bytes per entry is exact.
+/// Bytes an entry of a userlist frame takes besides its alias:
+/// `{"User":"` + `"}` + the `,` between entries.
+pub const USER_ENTRY_OVERHEAD: usize = r#"{"User":""},"#.len();
+
+/// Counts how many entries of a userlist frame
+/// (`"Users":[{"User":"<alias>"},...]`) are aliases of this run (`"<prefix>`
+/// occurrences), skipping the scan when the frame is too short to hold `want`
+/// of them. Aliases of one run are fixed-width, so `min_entry_len` bytes per
+/// entry (see [`USER_ENTRY_OVERHEAD`]) is exact.
 pub fn count_run_aliases(
     text: &str,
     finder: &memchr::memmem::Finder<'_>,
@@ -281,9 +286,9 @@ mod tests {
     #[test]
     fn alias_counting() {
         let finder = memchr::memmem::Finder::new("\"j7-");
-        let list = r#"{"Type":"userlist","Users":["j7-000001","j7-000002","default","j8-000001"]}"#;
-        assert_eq!(count_run_aliases(list, &finder, 2, 12), 2);
-        assert_eq!(count_run_aliases(list, &finder, 100, 12), 0);
+        let list = r#"{"Type":"userlist","Users":[{"User":"j7-000001"},{"User":"j7-000002"},{"User":"default"},{"User":"j8-000001"}]}"#;
+        assert_eq!(count_run_aliases(list, &finder, 2, 21), 2);
+        assert_eq!(count_run_aliases(list, &finder, 100, 21), 0);
         assert_eq!(alias_frame("a\"b"), r#"{"User":"a\"b"}"#);
         assert_eq!(
             status_wsid(r#"{"Type":"Status","WSID":"42"}"#).as_deref(),

@@ -67,7 +67,7 @@ pub async fn run(setup: &Setup, args: &JoinArgs) -> anyhow::Result<JoinReport> {
     let ctx = Arc::new(Ctx {
         setup: setup.clone(),
         finder: Finder::new(format!("\"{alias_prefix}").as_bytes()).into_owned(),
-        entry_len: alias_prefix.len() + INDEX_WIDTH + 3,
+        entry_len: alias_prefix.len() + INDEX_WIDTH + wire::USER_ENTRY_OVERHEAD,
         alias_prefix,
         connect_slots: Semaphore::new(args.concurrency),
         connect: ConnectTally::new(started),

@@ -306,7 +306,10 @@ mod tests {
         let lists = userlists(&mut rx);
         assert_eq!(
             lists,
-            vec![r#"{"Type":"userlist","Users":["a","b","c"]}"#.to_owned()]
+            vec![
+                r#"{"Type":"userlist","Users":[{"User":"a"},{"User":"b"},{"User":"c"}]}"#
+                    .to_owned()
+            ]
         );
         // A change right after a send waits for the next interval.
         chat.on_close(2, &mut Outbox::new(&mut router)).await;

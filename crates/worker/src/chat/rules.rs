@@ -19,7 +19,9 @@ pub enum ClientFrame {
     /// `{"User": alias}`: rename; not broadcast, re-sends the online list.
     User(String),
     /// `{"Message": base64, "Author": ...}`: post. `Author` is ignored: the
-    /// server uses the alias it holds for the socket.
+    /// server uses the alias it holds for the socket. The base64 may encode
+    /// any bytes (the seed page sends `btoa` of Latin-1 text) and is passed on
+    /// exactly as the client sent it; clients decode it.
     Message(String),
 }
 
@@ -35,16 +37,18 @@ pub enum FrameError {
     UserNotString,
     #[error("alias is longer than {MAX_ALIAS_CHARS} characters")]
     AliasTooLong,
+    #[error("alias must not contain control or bidirectional override characters")]
+    AliasHasControls,
     #[error("\"Message\" must be a string")]
     MessageNotString,
     #[error("\"Message\" must be base64 (RFC 4648, with padding)")]
     BadBase64,
-    #[error("\"Message\" must encode UTF-8 text")]
-    NotUtf8,
     #[error("\"Message\" is empty")]
     EmptyMessage,
     #[error("frame needs a \"User\" or a \"Message\" field")]
     UnknownShape,
+    #[error("frame has both \"User\" and \"Message\"; send a rename and a post as two frames")]
+    Ambiguous,
 }
 
 impl FrameError {
@@ -53,13 +57,24 @@ impl FrameError {
         match self {
             FrameError::NotJson => "bad_json",
             FrameError::NotObject | FrameError::UnknownShape => "bad_shape",
-            FrameError::UserNotString | FrameError::AliasTooLong => "bad_alias",
-            FrameError::MessageNotString
-            | FrameError::BadBase64
-            | FrameError::NotUtf8
-            | FrameError::EmptyMessage => "bad_message",
+            FrameError::UserNotString | FrameError::AliasTooLong | FrameError::AliasHasControls => {
+                "bad_alias"
+            }
+            FrameError::MessageNotString | FrameError::BadBase64 | FrameError::EmptyMessage => {
+                "bad_message"
+            }
+            FrameError::Ambiguous => "ambiguous_frame",
         }
     }
+}
+
+/// Whether `c` may not appear in an alias: C0 and C1 controls (and DEL),
+/// which break a list line or hide in it, and the bidirectional embedding,
+/// override and isolate characters (U+202A–U+202E, U+2066–U+2069), which
+/// make a name display as another one (`"ann\u{202E}nib"` shows as
+/// "annbin") and spill their direction into the text shown after it.
+pub fn forbidden_in_alias(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Parses one client text frame.
@@ -68,14 +83,26 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
     let Value::Object(mut object) = value else {
         return Err(FrameError::NotObject);
     };
-    // The seed tests `data["User"`: a frame with a User field is a rename.
+    // The seed tests `data["User"]` first, so a frame with both fields would
+    // rename and silently lose the post. Neither half is taken: the client is
+    // told, and sends them as two frames.
+    if object.contains_key("User") && object.contains_key("Message") {
+        return Err(FrameError::Ambiguous);
+    }
     if let Some(user) = object.remove("User") {
         let Value::String(alias) = user else {
             return Err(FrameError::UserNotString);
         };
+        // Surrounding whitespace (tabs and newlines included) is trimmed as
+        // before; a control or bidi character left inside refuses the rename
+        // rather than being stripped, so the name the user typed is never
+        // silently turned into another (possibly someone else's) name.
         let alias = alias.trim();
         if alias.chars().count() > MAX_ALIAS_CHARS {
             return Err(FrameError::AliasTooLong);
+        }
+        if alias.chars().any(forbidden_in_alias) {
+            return Err(FrameError::AliasHasControls);
         }
         let alias = if alias.is_empty() {
             DEFAULT_ALIAS
@@ -94,9 +121,8 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
         if bytes.is_empty() {
             return Err(FrameError::EmptyMessage);
         }
-        if std::str::from_utf8(&bytes).is_err() {
-            return Err(FrameError::NotUtf8);
-        }
+        // Any bytes: the seed page sends `btoa` of Latin-1 text, our page
+        // UTF-8. Which one it is, is for the reader to tell.
         return Ok(ClientFrame::Message(message));
     }
     Err(FrameError::UnknownShape)
@@ -123,18 +149,35 @@ pub fn status_frame(wsid: &str, log: &str) -> String {
 }
 
 #[derive(Serialize)]
-struct UserList<'a, S> {
+struct UserList<'a, S: Serialize> {
     #[serde(rename = "Type")]
     kind: &'static str,
     #[serde(rename = "Users")]
-    users: &'a [S],
+    users: Users<'a, S>,
 }
 
-/// `{"Type":"userlist","Users":[...]}`.
+/// The online list as the seed's server writes it, one object per user
+/// (the seed page reads `Users[i].User`); serialized straight from the
+/// slice, without building the objects.
+struct Users<'a, S>(&'a [S]);
+
+#[derive(Serialize)]
+struct UserEntry<'a, S> {
+    #[serde(rename = "User")]
+    user: &'a S,
+}
+
+impl<S: Serialize> Serialize for Users<'_, S> {
+    fn serialize<Ser: serde::Serializer>(&self, serializer: Ser) -> Result<Ser::Ok, Ser::Error> {
+        serializer.collect_seq(self.0.iter().map(|user| UserEntry { user }))
+    }
+}
+
+/// `{"Type":"userlist","Users":[{"User":"ann"},{"User":"bob"}]}`.
 pub fn userlist_frame<S: Serialize>(users: &[S]) -> String {
     to_json(&UserList {
         kind: "userlist",
-        users,
+        users: Users(users),
     })
 }
 
@@ -251,12 +294,61 @@ mod tests {
     }
 
     #[test]
-    fn message_must_be_base64_of_utf8() {
+    fn aliases_with_controls_or_bidi_overrides_are_refused() {
+        for bad in [
+            "a\u{0}b",
+            "a\tb",
+            "a\nb",
+            "a\u{1b}[31mb",
+            "a\u{7f}b",
+            "a\u{85}b",
+            "a\u{9f}b",
+            "ann\u{202A}",
+            "ann\u{202B}",
+            "ann\u{202C}",
+            "ann\u{202D}",
+            "ann\u{202E}nib",
+            "\u{2066}ann",
+            "\u{2067}ann",
+            "\u{2068}ann",
+            "\u{2069}ann",
+        ] {
+            let frame = serde_json::json!({ "User": bad }).to_string();
+            assert_eq!(parse(&frame), Err(FrameError::AliasHasControls), "{bad:?}");
+            assert_eq!(FrameError::AliasHasControls.code(), "bad_alias");
+        }
+        // Whitespace around the name is trimmed, as before; what is left is fine.
+        assert_eq!(
+            parse(r#"{"User":"\tann\n"}"#),
+            Ok(ClientFrame::User("ann".into()))
+        );
+        // Ordinary non-ASCII text, right-to-left scripts and joiners stay allowed.
+        for good in ["さくら 🌸", "עברית", "ملاك", "👨‍👩‍👧", "café crème"]
+        {
+            let frame = serde_json::json!({ "User": good }).to_string();
+            assert_eq!(
+                parse(&frame),
+                Ok(ClientFrame::User(good.into())),
+                "{good:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn message_is_base64_of_any_bytes_passed_on_unchanged() {
         let ok = format!(r#"{{"Message":"{}","Author":"x"}}"#, b64("こんにちは 🌸"));
         assert_eq!(parse(&ok), Ok(ClientFrame::Message(b64("こんにちは 🌸"))));
+        // btoa("café crème") in the seed page: Latin-1 bytes, not UTF-8.
+        let latin1 = STANDARD.encode(b"caf\xe9 cr\xe8me");
+        let frame = format!(r#"{{"Message":"{latin1}","Author":"x"}}"#);
+        assert_eq!(parse(&frame), Ok(ClientFrame::Message(latin1)));
+        assert_eq!(
+            parse(r#"{"Message":"/w=="}"#),
+            Ok(ClientFrame::Message("/w==".into()))
+        );
         assert_eq!(parse(r#"{"Message":"%%%"}"#), Err(FrameError::BadBase64));
+        assert_eq!(parse(r#"{"Message":"/w"}"#), Err(FrameError::BadBase64));
         assert_eq!(parse(r#"{"Message":""}"#), Err(FrameError::EmptyMessage));
-        assert_eq!(parse(r#"{"Message":"/w=="}"#), Err(FrameError::NotUtf8));
         assert_eq!(parse(r#"{"Message":1}"#), Err(FrameError::MessageNotString));
     }
 
@@ -265,6 +357,9 @@ mod tests {
         assert_eq!(parse("not json"), Err(FrameError::NotJson));
         assert_eq!(parse("[1,2]"), Err(FrameError::NotObject));
         assert_eq!(parse(r#"{"Hello":1}"#), Err(FrameError::UnknownShape));
+        let both = format!(r#"{{"User":"ann","Message":"{}"}}"#, b64("hi"));
+        assert_eq!(parse(&both), Err(FrameError::Ambiguous));
+        assert_eq!(FrameError::Ambiguous.code(), "ambiguous_frame");
     }
 
     #[test]
@@ -288,7 +383,13 @@ mod tests {
         let v: Value = serde_json::from_str(&status_frame("0000abcd-1", "77")).unwrap();
         assert_eq!(v["WSID"], "0000abcd-1");
         assert_eq!(v["Log"], "77");
-        let v: Value = serde_json::from_str(&userlist_frame(&["a", "<b>"])).unwrap();
-        assert_eq!(v["Users"][1], "<b>");
+        assert_eq!(
+            userlist_frame(&["a", "<b>"]),
+            r#"{"Type":"userlist","Users":[{"User":"a"},{"User":"<b>"}]}"#
+        );
+        assert_eq!(
+            userlist_frame::<&str>(&[]),
+            r#"{"Type":"userlist","Users":[]}"#
+        );
     }
 }
