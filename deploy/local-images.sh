@@ -10,6 +10,9 @@
 #                                        host-built target/release/{gateway,worker}.
 #   3. sharedconn/haproxy:local          HAProxy from Debian's package on that base,
 #                                        standing in for the official haproxy image.
+#   4. deploy/tls/sharedconn.pem         a self-signed certificate for localhost, for
+#                                        the optional TLS frontend (deploy/haproxy/tls.cfg,
+#                                        deploy/docker-compose.tls.yml). Kept once made.
 #
 # Then: docker-compose -f docker-compose.yml -f deploy/docker-compose.local.yml up
 #
@@ -201,13 +204,43 @@ cp "$ROOT/deploy/healthcheck.sh" "$ROOT/deploy/local/runtime.Dockerfile" "$ctx/"
 quiet_build "$APP_IMAGE" --build-arg "BASE=$BASE_IMAGE" -f "$ctx/runtime.Dockerfile" "$ctx"
 log "runtime image $APP_IMAGE ready in $(elapsed $t)"
 
-# --- 4. haproxy image ------------------------------------------------------------
+# --- 4. TLS certificate -------------------------------------------------------------
+# Self-signed, for localhost and 127.0.0.1, chain and key in one PEM as HAProxy
+# wants it. Made once; replace the file with a real certificate to use one.
+# World-readable: HAProxy reads it as its own user inside the container, and
+# this key protects nothing but a local try.
+# Optional: without openssl the images are built all the same, with no certificate.
+TLS_PEM=$ROOT/deploy/tls/sharedconn.pem
+if [ ! -s "$TLS_PEM" ] && ! command -v openssl >/dev/null; then
+    log "no openssl: no self-signed certificate for deploy/haproxy/tls.cfg (optional)"
+elif [ ! -s "$TLS_PEM" ]; then
+    mkdir -p "$(dirname "$TLS_PEM")"
+    tls_tmp=$(mktemp -d "${TMPDIR:-/tmp}/sharedconn-tls.XXXXXX")
+    cleanup_cmds+=("rm -rf '$tls_tmp'")
+    openssl req -x509 -newkey rsa:2048 -nodes -days 825 -subj "/CN=localhost" \
+        -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        -keyout "$tls_tmp/key.pem" -out "$tls_tmp/cert.pem" 2>/dev/null \
+        || die "openssl could not make the self-signed certificate"
+    cat "$tls_tmp/cert.pem" "$tls_tmp/key.pem" >"$TLS_PEM"
+    chmod 644 "$TLS_PEM"
+    log "self-signed certificate for localhost in $TLS_PEM"
+fi
+
+# --- 5. haproxy image ------------------------------------------------------------
 t=$SECONDS
 quiet_build "$HAPROXY_IMAGE" --build-arg "BASE=$BASE_IMAGE" \
     -f "$ROOT/deploy/local/haproxy.Dockerfile" "$ROOT/deploy/local"
-# The config must parse with this HAProxy (Debian's 2.6), not only with the official image's.
+# The config must parse with this HAProxy (Debian's 2.6), not only with the
+# official image's: alone, and with the TLS frontend and its certificate.
 docker run --rm -v "$ROOT/deploy/haproxy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" \
     "$HAPROXY_IMAGE" haproxy -c -q -f /usr/local/etc/haproxy/haproxy.cfg \
     || die "deploy/haproxy/haproxy.cfg does not parse with $HAPROXY_IMAGE"
+if [ -s "$TLS_PEM" ]; then
+    docker run --rm -v "$ROOT/deploy/haproxy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" \
+        -v "$ROOT/deploy/haproxy/tls.cfg:/usr/local/etc/haproxy/tls.cfg:ro" \
+        -v "$ROOT/deploy/tls:/usr/local/etc/haproxy/certs:ro" \
+        "$HAPROXY_IMAGE" haproxy -c -q -f /usr/local/etc/haproxy/haproxy.cfg -f /usr/local/etc/haproxy/tls.cfg \
+        || die "deploy/haproxy/tls.cfg does not parse with $HAPROXY_IMAGE"
+fi
 log "haproxy image $HAPROXY_IMAGE ready in $(elapsed $t) ($(docker run --rm "$HAPROXY_IMAGE" haproxy -v | head -n1))"
 log "done: $APP_IMAGE, $HAPROXY_IMAGE (base $BASE_IMAGE)"

@@ -7,12 +7,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{Context, anyhow};
 use clap::Parser;
 use sharedconn_gateway::Mode;
-use sharedconn_gateway::cli::Limits;
-use tokio::sync::watch;
-use tracing::info;
+use sharedconn_gateway::cli::{Edge, Limits};
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info};
 
 /// Runs one worker and one gateway in this process.
 #[derive(Parser, Debug)]
@@ -32,12 +32,16 @@ struct Cli {
     history: usize,
     #[command(flatten)]
     limits: Limits,
+    #[command(flatten)]
+    edge: Edge,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     sharedconn_common::init_tracing();
+    sharedconn_common::panic::exit_on_panic();
     let cli = Cli::parse();
+    sharedconn_common::fdlimit::raise_nofile_limit();
 
     let mut worker_config = sharedconn_worker::Config::new(&cli.data_dir);
     worker_config.history = cli.history;
@@ -46,26 +50,48 @@ async fn main() -> anyhow::Result<()> {
     let mut gateway_config = sharedconn_gateway::Config::new(vec![worker_url]);
     gateway_config.mode = cli.mode;
     cli.limits.apply(&mut gateway_config);
+    cli.edge
+        .apply(&mut gateway_config)
+        .context("invalid configuration")?;
     gateway_config.validate().context("invalid configuration")?;
+    let scheme = if gateway_config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let listener = sharedconn_common::listen(cli.listen)
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
+    let addr = listener.local_addr()?;
 
     // The gateway drains first (its sockets close with 1001), then the worker.
-    let (stop_worker, mut worker_stopped) = watch::channel(false);
-    let worker = tokio::spawn(sharedconn_worker::run(
-        worker_listener,
-        worker_config,
-        async move {
-            let _ = worker_stopped.wait_for(|stop| *stop).await;
-        },
-    ));
-    let gateway = sharedconn_gateway::run(
-        listener,
-        gateway_config,
-        sharedconn_common::shutdown_signal(),
-    );
-    info!("chat at http://{}/ (mode {})", cli.listen, cli.mode);
-    eprintln!("\n  sharedconn is running: open http://{}/\n", cli.listen);
+    // A worker that stops on its own (it could not open the message log, its
+    // server failed) stops the gateway too: a process that only answers 503
+    // must not pass for a running chat.
+    let (stop_worker, worker_stop) = watch::channel(false);
+    let (worker_ended, worker_ended_rx) = oneshot::channel::<()>();
+    let data_dir = cli.data_dir.clone();
+    let worker = tokio::spawn(async move {
+        let mut stop = worker_stop.clone();
+        let result = sharedconn_worker::run(worker_listener, worker_config, async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        })
+        .await;
+        let asked = *worker_stop.borrow();
+        drop(worker_ended);
+        match result {
+            Ok(()) if !asked => Err(anyhow!("worker stopped unexpectedly")),
+            r => r.with_context(|| format!("worker failed (data dir {})", data_dir.display())),
+        }
+    });
+    let shutdown = async move {
+        tokio::select! {
+            _ = sharedconn_common::shutdown_signal() => {}
+            _ = worker_ended_rx => error!("worker stopped, stopping the gateway"),
+        }
+    };
+    let gateway = sharedconn_gateway::run(listener, gateway_config, shutdown);
+    info!("chat at {scheme}://{addr}/ (mode {})", cli.mode);
+    eprintln!("\n  sharedconn is running: open {scheme}://{addr}/\n");
     let result = gateway.await;
     let _ = stop_worker.send(true);
     worker.await.context("worker task")??;

@@ -1,4 +1,11 @@
 //! Process plumbing shared by the sharedconn binaries.
+//!
+//! Modules:
+//! - [`fdlimit`]: raise the open-file limit at start, and read it.
+//! - [`panic`]: the binaries' panic hook, which logs and ends the process.
+
+pub mod fdlimit;
+pub mod panic;
 
 use std::net::SocketAddr;
 

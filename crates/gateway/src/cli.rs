@@ -1,9 +1,13 @@
-//! The gateway's limits as command-line flags (each also an environment
-//! variable), shared by the `gateway` binary and the all-in-one `sharedconn`.
+//! The gateway's limits and edge settings as command-line flags (each also
+//! an environment variable), shared by the `gateway` binary and the
+//! all-in-one `sharedconn`.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::Config;
+use crate::origin::AllowedOrigins;
+use crate::tls::Tls;
+use crate::{Config, Error};
 
 /// Per-socket and per-gateway limits.
 #[derive(clap::Args, Debug, Clone)]
@@ -37,5 +41,38 @@ impl Limits {
         config.frame_burst = self.frame_burst;
         config.socket_queue = self.socket_queue;
         config.drain_grace = Duration::from_secs(self.drain_grace_secs);
+    }
+}
+
+/// What the gateway lets in at its edge: page origins, and TLS.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Edge {
+    /// Origins (like https://chat.example) whose pages may open WebSockets,
+    /// besides the gateway's own host; `*` allows every origin. Clients that
+    /// send no Origin (not browsers) are always let in.
+    #[arg(long, env = "SHAREDCONN_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// PEM certificate chain: serve https and wss (needs --tls-key).
+    #[arg(long, env = "SHAREDCONN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SHAREDCONN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Edge {
+    /// Writes these settings into `config`, reading and checking the TLS
+    /// files now, before anything is bound.
+    pub fn apply(&self, config: &mut Config) -> Result<(), Error> {
+        config.allowed_origins = AllowedOrigins::parse(&self.allowed_origins)
+            .map_err(|e| Error::Config(format!("--allowed-origins: {e}")))?;
+        config.tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(Tls::from_pem_files(cert, key)?),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Config("--tls-cert and --tls-key go together".into()));
+            }
+        };
+        Ok(())
     }
 }

@@ -4,6 +4,9 @@ use std::time::Duration;
 
 pub use sharedconn_proto::Mode as ProtoMode;
 
+use crate::origin::AllowedOrigins;
+use crate::tls::Tls;
+
 /// How sockets travel to workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
@@ -57,8 +60,13 @@ pub struct Config {
     pub socket_queue: usize,
     /// How long shutdown waits for sockets to close.
     pub drain_grace: Duration,
-    /// How long a client may take to send its HTTP request head.
+    /// How long a client may take to send its HTTP request head (and, with
+    /// TLS, its handshake).
     pub header_read_timeout: Duration,
+    /// Which `Origin`s may open a WebSocket (default: none sent, or this host).
+    pub allowed_origins: AllowedOrigins,
+    /// Serve https/wss with this certificate; plain http/ws when `None`.
+    pub tls: Option<Tls>,
 }
 
 impl Config {
@@ -74,6 +82,8 @@ impl Config {
             socket_queue: 1024,
             drain_grace: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(10),
+            allowed_origins: AllowedOrigins::SameHost,
+            tls: None,
         }
     }
 

@@ -10,6 +10,8 @@ pub enum Error {
     WorkerAddress(String, String),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 /// Why a socket is being closed by us; the single place that picks the

@@ -13,8 +13,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::io::{ReadIo, WriteIo};
 
 const OP_TEXT: u8 = 0x1;
 const OP_CLOSE: u8 = 0x8;
@@ -25,7 +26,7 @@ const MAX_CONTROL: usize = 125;
 /// The read half, as tungstenite wants it: a stream that also writes.
 /// Writes are dropped: tungstenite's automatic replies (pong, close) are
 /// sent by the session through [`FrameWriter`] instead.
-pub struct ReadHalf(pub OwnedReadHalf);
+pub struct ReadHalf(pub ReadIo);
 
 impl AsyncRead for ReadHalf {
     fn poll_read(
@@ -72,14 +73,14 @@ fn header(opcode: u8, len: usize) -> ([u8; 10], usize) {
 }
 
 pub struct FrameWriter {
-    io: OwnedWriteHalf,
+    io: WriteIo,
     /// A write was cut off part-way (cancelled); the stream is mid-frame and
     /// nothing more may be written to it.
     broken: bool,
 }
 
 impl FrameWriter {
-    pub fn new(io: OwnedWriteHalf) -> Self {
+    pub fn new(io: WriteIo) -> Self {
         FrameWriter { io, broken: false }
     }
 
@@ -139,7 +140,9 @@ impl FrameWriter {
             // stream is mid-frame. Cleared once the whole batch is out.
             self.broken = !bufs.is_empty();
         }
-        Ok(())
+        // A no-op on plain TCP; TLS may hold the tail of a record until
+        // flushed when the socket was full.
+        self.io.flush().await
     }
 }
 

@@ -6,10 +6,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -17,6 +16,8 @@ use tracing::{debug, warn};
 
 use crate::Gateway;
 use crate::frames::{FrameWriter, ReadHalf};
+use crate::handshake::{self, Refusal};
+use crate::io::ServerIo;
 use crate::session::{self, RateLimit};
 
 /// The chat page, served from the binary: no other asset, no CDN.
@@ -107,15 +108,6 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
-fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
 /// `?since=N`: the client already has messages up to id N.
 fn since(query: Option<&str>) -> u64 {
     query
@@ -127,20 +119,19 @@ fn since(query: Option<&str>) -> u64 {
 }
 
 fn upgrade(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Body> {
-    let headers = req.headers();
-    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
-    let is_upgrade = req.method() == Method::GET
-        && header_has_token(headers, header::CONNECTION, "upgrade")
-        && header_has_token(headers, header::UPGRADE, "websocket")
-        && headers
-            .get(header::SEC_WEBSOCKET_VERSION)
-            .map(|v| v.as_bytes())
-            == Some(b"13");
-    let (true, Some(key)) = (is_upgrade, key) else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "expected a WebSocket upgrade (version 13)\n",
-        );
+    let key = match handshake::check(req.method(), req.headers(), &gateway.config.allowed_origins) {
+        Ok(key) => key,
+        Err(refusal) => {
+            debug!(?refusal, origin = ?req.headers().get(header::ORIGIN), "handshake refused");
+            let mut r = text(refusal.status(), refusal.text());
+            if refusal == Refusal::Version {
+                r.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static(handshake::VERSION),
+                );
+            }
+            return r;
+        }
     };
     // Admission before any work: a full gateway says so plainly.
     let Ok(permit) = gateway.permits.clone().try_acquire_owned() else {
@@ -168,14 +159,14 @@ fn upgrade(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Body> 
                 return;
             }
         };
-        // Split the TCP stream: tungstenite reads, our FrameWriter writes.
-        let (io, leftover) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        // Split the stream: tungstenite reads, our FrameWriter writes.
+        let (io, leftover) = match upgraded.downcast::<TokioIo<ServerIo>>() {
             // Copy what the client sent behind its handshake, and let go of
             // hyper's read buffer: held for the socket's life it would
             // double an idle socket's memory.
             Ok(parts) => (parts.io, parts.read_buf.to_vec()),
             Err(_) => {
-                warn!("upgraded connection is not a TCP stream");
+                warn!("upgraded connection is not a ServerIo");
                 return;
             }
         };

@@ -16,16 +16,24 @@
 //! - [`frames`]: reading through tungstenite, writing frames without copies.
 //! - [`upstream`]: the links to workers and the WebSocket ID → socket table.
 //! - [`queue`]: a socket's bounded outbound queue and close order.
+//! - [`handshake`]: the strict upgrade checks; [`origin`]: the `Origin` allow-list.
+//! - [`tls`]: https/wss with a PEM certificate; [`io`]: a plain or TLS connection.
+//! - [`accept`]: the socket budget and answering when file descriptors run out.
 //! - [`config`], [`error`]: settings, and the one place errors become close codes;
 //!   [`cli`]: the limits as flags, for the binaries.
 
+pub mod accept;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod frames;
+pub mod handshake;
 pub mod http;
+pub mod io;
+pub mod origin;
 pub mod queue;
 pub mod session;
+pub mod tls;
 pub mod upstream;
 
 use std::future::Future;
@@ -64,8 +72,10 @@ pub struct Gateway {
     tag: u32,
     next_ws: AtomicU32,
     upstream: Arc<Upstream>,
-    /// One permit per open socket (`max_connections`).
+    /// One permit per open socket: `max_connections`, or fewer if the
+    /// open-file limit is lower ([`accept::socket_budget`]).
     permits: Arc<Semaphore>,
+    max_sockets: usize,
     /// Cancelled on shutdown: every socket closes with 1001.
     drain: CancellationToken,
     tracker: TaskTracker,
@@ -73,7 +83,7 @@ pub struct Gateway {
 
 impl Gateway {
     fn open_sockets(&self) -> usize {
-        self.config.max_connections - self.permits.available_permits()
+        self.max_sockets - self.permits.available_permits()
     }
 
     fn next_ws_id(&self) -> u64 {
@@ -94,24 +104,37 @@ pub async fn run(
         .unwrap_or_else(|| rand::random::<u32>().max(1));
     let stop_links = CancellationToken::new();
     let upstream = Upstream::start(&config, tag, stop_links.clone())?;
+    let nofile = sharedconn_common::fdlimit::nofile_limit().map(|l| l.soft);
+    let max_sockets = accept::socket_budget(config.max_connections, nofile);
+    if max_sockets < config.max_connections {
+        info!(
+            max_sockets,
+            max_connections = config.max_connections,
+            open_file_limit = nofile,
+            "open-file limit caps the sockets below max-connections"
+        );
+    }
     let gateway = Arc::new(Gateway {
         page: http::index_page(config.max_frame_bytes),
         tag,
         next_ws: AtomicU32::new(1),
         upstream,
-        permits: Arc::new(Semaphore::new(config.max_connections)),
+        permits: Arc::new(Semaphore::new(max_sockets)),
+        max_sockets,
         drain: CancellationToken::new(),
         tracker: TaskTracker::new(),
         config,
     });
     let addr = listener.local_addr()?;
-    info!(%addr, gateway_tag = format!("{tag:08x}"), mode = %gateway.config.mode, workers = ?gateway.config.workers, "gateway listening");
+    info!(%addr, gateway_tag = format!("{tag:08x}"), mode = %gateway.config.mode, workers = ?gateway.config.workers, tls = gateway.config.tls.is_some(), "gateway listening");
+    let mut spare = accept::Spare::new();
 
     tokio::pin!(shutdown);
     let mut status =
         tokio::time::interval_at(tokio::time::Instant::now() + STATUS_EVERY, STATUS_EVERY);
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        spare.refill();
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
             _ = status.tick() => {
@@ -120,8 +143,14 @@ pub async fn run(
             }
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
+                Err(e) if accept::out_of_descriptors(&e) => {
+                    // The connection waiting in the queue gets a 503 instead
+                    // of hanging until its client gives up.
+                    spare.shed(&listener, gateway.config.tls.is_some()).await;
+                    continue;
+                }
                 Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
+                    // Back off, keep serving.
                     warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
@@ -140,6 +169,24 @@ pub async fn run(
         let drain = gateway.drain.clone();
         let header_timeout = gateway.config.header_read_timeout;
         gateway.tracker.clone().spawn(async move {
+            let stream = match &gateway.config.tls {
+                None => io::ServerIo::Plain(stream),
+                // The handshake shares the request head's deadline.
+                Some(tls) => {
+                    match tokio::time::timeout(header_timeout, tls.acceptor().accept(stream)).await
+                    {
+                        Ok(Ok(stream)) => io::ServerIo::Tls(Box::new(stream)),
+                        Ok(Err(e)) => {
+                            debug!(%peer, error = %e, "tls handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%peer, "tls handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
             let service = service_fn(move |req| http::handle(gateway.clone(), req));
             let conn = http1::Builder::new()
                 // A client that never finishes its request is dropped.

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Parser;
-use sharedconn_gateway::cli::Limits;
+use sharedconn_gateway::cli::{Edge, Limits};
 use sharedconn_gateway::{Config, Mode};
 
 /// Terminates browser WebSockets and links them to workers over gRPC.
@@ -30,6 +30,8 @@ struct Cli {
     gateway_tag: Option<u32>,
     #[command(flatten)]
     limits: Limits,
+    #[command(flatten)]
+    edge: Edge,
 }
 
 fn parse_hex(s: &str) -> Result<u32, String> {
@@ -37,21 +39,24 @@ fn parse_hex(s: &str) -> Result<u32, String> {
 }
 
 impl Cli {
-    fn config(self) -> Config {
+    fn config(self) -> anyhow::Result<Config> {
         let mut config = Config::new(self.workers);
         config.mode = self.mode;
         config.gateway_tag = self.gateway_tag;
         self.limits.apply(&mut config);
-        config
+        self.edge.apply(&mut config)?;
+        Ok(config)
     }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     sharedconn_common::init_tracing();
+    sharedconn_common::panic::exit_on_panic();
     let cli = Cli::parse();
+    sharedconn_common::fdlimit::raise_nofile_limit();
     let listen = cli.listen;
-    let config = cli.config();
+    let config = cli.config().context("invalid configuration")?;
     config.validate().context("invalid configuration")?;
     let listener =
         sharedconn_common::listen(listen).with_context(|| format!("cannot listen on {listen}"))?;

@@ -32,7 +32,9 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     sharedconn_common::init_tracing();
+    sharedconn_common::panic::exit_on_panic();
     let cli = Cli::parse();
+    sharedconn_common::fdlimit::raise_nofile_limit();
     let mut config = sharedconn_worker::Config::new(cli.data_dir);
     config.history = cli.history;
     config.userlist_interval = Duration::from_millis(cli.userlist_interval_ms);
