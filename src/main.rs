@@ -30,6 +30,10 @@ struct Cli {
     /// Recent messages sent to every socket that opens.
     #[arg(long, env = "SHAREDCONN_HISTORY", default_value_t = 50)]
     history: usize,
+    /// Where the chat's state lives: `embedded` (the log under --data-dir)
+    /// or `redis://HOST:PORT[/DB]` (shared with other workers).
+    #[arg(long, env = "SHAREDCONN_BACKPLANE", default_value = "embedded")]
+    backplane: sharedconn_worker::BackplaneKind,
     #[command(flatten)]
     limits: Limits,
     #[command(flatten)]
@@ -45,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut worker_config = sharedconn_worker::Config::new(&cli.data_dir);
     worker_config.history = cli.history;
+    worker_config.backplane = cli.backplane.clone();
     let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let worker_url = format!("http://{}", worker_listener.local_addr()?);
     let mut gateway_config = sharedconn_gateway::Config::new(vec![worker_url]);

@@ -24,9 +24,23 @@ pub struct Limits {
     /// Frames one socket may send in a burst.
     #[arg(long, env = "SHAREDCONN_FRAME_BURST", default_value_t = 200)]
     pub frame_burst: u32,
-    /// Frames queued for one socket before it is closed as too slow (1008).
+    /// Frames queued for one socket; past it the socket falls behind and
+    /// catches up from the log.
     #[arg(long, env = "SHAREDCONN_SOCKET_QUEUE", default_value_t = 1024)]
     pub socket_queue: usize,
+    /// Bytes queued for one socket: the worst-case memory of its queue.
+    #[arg(long, env = "SHAREDCONN_SOCKET_QUEUE_BYTES", default_value_t = 1 << 20)]
+    pub socket_queue_bytes: usize,
+    /// Seconds a write to a client may make no progress before the socket
+    /// is closed (1008).
+    #[arg(long, env = "SHAREDCONN_STALL_TIMEOUT_SECS", default_value_t = 30)]
+    pub stall_timeout_secs: u64,
+    /// Milliseconds to find a hung worker or a cut link (HTTP/2 pings).
+    #[arg(long, env = "SHAREDCONN_LINK_TIMEOUT_MS", default_value_t = 2000)]
+    pub link_timeout_ms: u64,
+    /// Seconds a socket may wait for a worker before it is closed (1012).
+    #[arg(long, env = "SHAREDCONN_REATTACH_GRACE_SECS", default_value_t = 30)]
+    pub reattach_grace_secs: u64,
     /// Seconds shutdown waits for sockets to close (after SIGTERM).
     #[arg(long, env = "SHAREDCONN_DRAIN_GRACE_SECS", default_value_t = 5)]
     pub drain_grace_secs: u64,
@@ -40,6 +54,10 @@ impl Limits {
         config.frames_per_sec = self.max_frames_per_sec;
         config.frame_burst = self.frame_burst;
         config.socket_queue = self.socket_queue;
+        config.socket_queue_bytes = self.socket_queue_bytes;
+        config.stall_timeout = Duration::from_secs(self.stall_timeout_secs);
+        config.link_timeout = Duration::from_millis(self.link_timeout_ms);
+        config.reattach_grace = Duration::from_secs(self.reattach_grace_secs);
         config.drain_grace = Duration::from_secs(self.drain_grace_secs);
     }
 }

@@ -56,8 +56,20 @@ pub struct Config {
     pub frames_per_sec: u32,
     /// Frames a socket may send in a burst above the sustained rate.
     pub frame_burst: u32,
-    /// Frames queued for one socket before it counts as too slow (close 1008).
+    /// Frames queued for one socket; past it (or past `socket_queue_bytes`)
+    /// the socket falls behind and catches up from the log.
     pub socket_queue: usize,
+    /// Bytes queued for one socket (the worst-case memory of its queue).
+    pub socket_queue_bytes: usize,
+    /// A write to a client that makes no progress for this long closes the
+    /// socket (1008).
+    pub stall_timeout: Duration,
+    /// The cluster's shared secret, sent in every `Hello`.
+    pub link_token: Option<String>,
+    /// A hung worker or a cut link is found within this (HTTP/2 pings).
+    pub link_timeout: Duration,
+    /// How long a socket may wait for a worker before it is closed (1012).
+    pub reattach_grace: Duration,
     /// How long shutdown waits for sockets to close.
     pub drain_grace: Duration,
     /// How long a client may take to send its HTTP request head (and, with
@@ -80,6 +92,11 @@ impl Config {
             frames_per_sec: 100,
             frame_burst: 200,
             socket_queue: 1024,
+            socket_queue_bytes: 1 << 20,
+            stall_timeout: Duration::from_secs(30),
+            link_token: None,
+            link_timeout: Duration::from_secs(2),
+            reattach_grace: Duration::from_secs(30),
             drain_grace: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(10),
             allowed_origins: AllowedOrigins::SameHost,
@@ -103,6 +120,12 @@ impl Config {
         }
         if self.frames_per_sec == 0 || self.frame_burst == 0 {
             return bad("frame rate and burst must be positive");
+        }
+        if self.link_timeout < Duration::from_millis(200) {
+            return bad("link timeout must be at least 200 ms");
+        }
+        if self.socket_queue_bytes < self.max_frame_bytes {
+            return bad("socket queue bytes must hold at least one largest frame");
         }
         if self.socket_queue == 0 || self.max_connections == 0 {
             return bad("socket queue and max connections must be positive");

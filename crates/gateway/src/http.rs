@@ -188,11 +188,20 @@ fn upgrade(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Body> 
         // than the session that follows, and a task is as big as its
         // biggest state for its whole life.
         match Box::pin(gateway.upstream.attach(ws_id, since)).await {
-            Ok(attachment) => {
+            Ok(socket) => {
                 debug!(ws_id, "socket opened");
                 let limit =
                     RateLimit::new(gateway.config.frames_per_sec, gateway.config.frame_burst);
-                session::run(reader, writer, attachment, limit, gateway.drain.clone()).await;
+                session::run(
+                    reader,
+                    writer,
+                    socket,
+                    gateway.upstream.clone(),
+                    limit,
+                    gateway.drain.clone(),
+                    gateway.config.stall_timeout,
+                )
+                .await;
                 debug!(ws_id, "socket closed");
             }
             Err(reason) => {

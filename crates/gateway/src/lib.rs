@@ -14,8 +14,12 @@
 //! - [`http`]: routes, upgrade handshake, admission control.
 //! - [`session`]: one socket's state machine, rate limit, close codes.
 //! - [`frames`]: reading through tungstenite, writing frames without copies.
-//! - [`upstream`]: the links to workers and the WebSocket ID → socket table.
-//! - [`queue`]: a socket's bounded outbound queue and close order.
+//! - [`upstream`]: the links to workers, finding them, re-attaching sockets
+//!   when a worker dies or drains.
+//! - [`socket`]: what the gateway keeps per socket so any worker can serve
+//!   it (parked state, unacknowledged frames).
+//! - [`queue`]: a socket's outbound queue, bounded in frames and bytes, its
+//!   place in the message log, and catching up when it fell behind.
 //! - [`handshake`]: the strict upgrade checks; [`origin`]: the `Origin` allow-list.
 //! - [`tls`]: https/wss with a PEM certificate; [`io`]: a plain or TLS connection.
 //! - [`accept`]: the socket budget and answering when file descriptors run out.
@@ -33,6 +37,7 @@ pub mod io;
 pub mod origin;
 pub mod queue;
 pub mod session;
+pub mod socket;
 pub mod tls;
 pub mod upstream;
 
@@ -138,7 +143,7 @@ pub async fn run(
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
             _ = status.tick() => {
-                info!(sockets = gateway.open_sockets(), linked = gateway.upstream.ready(), "gateway status");
+                info!(sockets = gateway.open_sockets(), linked = gateway.upstream.linked(), "gateway status");
                 continue;
             }
             accepted = listener.accept() => match accepted {

@@ -28,6 +28,9 @@ struct Cli {
     /// Fixed gateway tag (hex, the high half of WebSocket IDs); random if unset.
     #[arg(long, env = "SHAREDCONN_GATEWAY_TAG", value_parser = parse_hex)]
     gateway_tag: Option<u32>,
+    /// Shared secret sent to workers (their --link-token).
+    #[arg(long, env = "SHAREDCONN_LINK_TOKEN", hide_env_values = true)]
+    link_token: Option<String>,
     #[command(flatten)]
     limits: Limits,
     #[command(flatten)]
@@ -43,6 +46,7 @@ impl Cli {
         let mut config = Config::new(self.workers);
         config.mode = self.mode;
         config.gateway_tag = self.gateway_tag;
+        config.link_token = self.link_token.filter(|t| !t.is_empty());
         self.limits.apply(&mut config);
         self.edge.apply(&mut config)?;
         Ok(config)

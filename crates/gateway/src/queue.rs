@@ -1,5 +1,18 @@
-//! A socket's outbound queue: bounded, never blocks whoever fills it, and
-//! carries the order to close the socket.
+//! A socket's outbound queue: bounded in frames and bytes, never blocks
+//! whoever fills it, and carries the order to close the socket.
+//!
+//! It also keeps the socket's place in the message log: the id of the last
+//! chat message queued (`last_id`) and of the last one written to the client
+//! (`written_id`). A message whose id is not above `last_id` is a replay the
+//! socket already has and is dropped here, which makes every replay (after a
+//! re-attach, a fetch, a reconnect) exactly-once.
+//!
+//! A socket that does not read fast enough is not closed: when its queue
+//! overflows, the queue is emptied and the socket is marked *behind*. Live
+//! messages are then dropped for it, and once the client has taken what was
+//! written, the session fetches the missed messages from the log by id
+//! ([`Next::Fetch`]) until it is caught up. So a slow reader still sees every
+//! message, in order, once; it only sees them later.
 //!
 //! An idle socket's queue is a few dozen bytes (an empty `VecDeque` does not
 //! allocate), which matters at 100,000 sockets per gateway; a channel would
@@ -33,30 +46,72 @@ impl From<CloseReason> for Kill {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Push {
     Queued,
-    /// The queue is at capacity; the frame was not queued.
-    Full,
+    /// The queue overflowed: it was emptied and the socket is behind.
+    Behind,
     /// The socket is closing; the frame was dropped.
     Closed,
+}
+
+/// What the writer should do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Frames were moved into the batch.
+    Frames,
+    /// The socket is behind and has written all it had: fetch the messages
+    /// after this id.
+    Fetch(u64),
+}
+
+/// One delivery to one socket, as the worker addressed it.
+pub struct Delivery<'a> {
+    pub texts: &'a [Utf8Bytes],
+    /// The message id of each text (0: not a chat message).
+    pub ids: &'a [u64],
+    /// Set when the texts start the socket over on a (new) log.
+    pub log: &'a str,
+    pub fetched: bool,
+    pub complete: bool,
+}
+
+/// Limits of one queue.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub frames: usize,
+    pub bytes: usize,
 }
 
 pub struct SocketQueue {
     state: Mutex<State>,
     ready: Notify,
-    capacity: usize,
+    limits: Limits,
 }
 
 #[derive(Default)]
 struct State {
-    frames: VecDeque<Utf8Bytes>,
+    frames: VecDeque<(Utf8Bytes, u64)>,
+    bytes: usize,
     kill: Option<Kill>,
+    last_id: u64,
+    written_id: u64,
+    log: String,
+    behind: bool,
+    /// A fetch is on its way; no second one until it is answered.
+    fetching: bool,
+}
+
+/// Where a socket is in the log, for a re-attach.
+#[derive(Debug, Clone, Default)]
+pub struct Place {
+    pub log: String,
+    pub last_id: u64,
 }
 
 impl SocketQueue {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(limits: Limits) -> Self {
         SocketQueue {
             state: Mutex::new(State::default()),
             ready: Notify::new(),
-            capacity,
+            limits,
         }
     }
 
@@ -64,54 +119,131 @@ impl SocketQueue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a frame. Never waits.
+    /// Queues one frame that carries no message id (an error, a list).
+    /// Never waits.
     pub fn push(&self, frame: Utf8Bytes) -> Push {
-        {
-            let mut state = self.state();
-            if state.kill.is_some() {
+        self.deliver(&Delivery {
+            texts: std::slice::from_ref(&frame),
+            ids: &[0],
+            log: "",
+            fetched: false,
+            complete: false,
+        })
+    }
+
+    /// Queues what a worker sent this socket, dropping messages it already
+    /// has. Never waits.
+    pub fn deliver(&self, d: &Delivery<'_>) -> Push {
+        let result = {
+            let mut st = self.state();
+            if st.kill.is_some() {
                 return Push::Closed;
             }
-            if state.frames.len() >= self.capacity {
-                return Push::Full;
+            if !d.log.is_empty() && d.log != st.log {
+                // A Status frame: ids start over on this log.
+                st.log = d.log.to_owned();
+                st.last_id = 0;
+                st.written_id = 0;
+                st.behind = false;
             }
-            state.frames.push_back(frame);
-        }
+            let mut result = Push::Queued;
+            for (i, text) in d.texts.iter().enumerate() {
+                let id = d.ids.get(i).copied().unwrap_or(0);
+                if id != 0 && (id <= st.last_id || (st.behind && !d.fetched)) {
+                    continue;
+                }
+                let full = st.frames.len() >= self.limits.frames
+                    || st.bytes + text.len() > self.limits.bytes;
+                if full {
+                    if id == 0 && st.behind {
+                        // No room for a list while catching up; a newer
+                        // one follows the next change.
+                        continue;
+                    }
+                    st.frames.clear();
+                    st.bytes = 0;
+                    st.last_id = st.written_id;
+                    st.behind = true;
+                    st.fetching = false;
+                    result = Push::Behind;
+                    if id != 0 {
+                        continue;
+                    }
+                }
+                st.bytes += text.len();
+                st.frames.push_back((text.clone(), id));
+                if id != 0 {
+                    st.last_id = id;
+                }
+            }
+            if d.fetched {
+                st.fetching = false;
+                if d.complete && result == Push::Queued {
+                    st.behind = false;
+                }
+            }
+            result
+        };
         self.ready.notify_one();
-        Push::Queued
+        result
+    }
+
+    /// Where the socket is in the log: a re-attached socket replays from
+    /// here. A socket that is behind fetches again after the re-attach.
+    pub fn place(&self) -> Place {
+        let mut st = self.state();
+        st.fetching = false;
+        Place {
+            log: st.log.clone(),
+            last_id: st.last_id,
+        }
     }
 
     /// Orders the socket closed. The first order wins; queued frames are
     /// dropped, since the socket will not be written to again.
     pub fn kill(&self, kill: Kill) {
         {
-            let mut state = self.state();
-            if state.kill.is_some() {
+            let mut st = self.state();
+            if st.kill.is_some() {
                 return;
             }
-            state.kill = Some(kill);
-            state.frames = VecDeque::new();
+            st.kill = Some(kill);
+            st.frames = VecDeque::new();
+            st.bytes = 0;
         }
         self.ready.notify_one();
     }
 
     /// Waits for frames and moves up to `max` of them into `batch`, or
-    /// returns the close order. Cancel-safe: nothing is taken until it
-    /// returns.
-    pub async fn next(&self, batch: &mut Vec<Utf8Bytes>, max: usize) -> Result<(), Kill> {
+    /// asks for a fetch, or returns the close order. Cancel-safe: nothing is
+    /// taken until it returns.
+    pub async fn next(&self, batch: &mut Vec<Utf8Bytes>, max: usize) -> Result<Next, Kill> {
         loop {
             {
-                let mut state = self.state();
-                if let Some(kill) = &state.kill {
+                let mut st = self.state();
+                if let Some(kill) = &st.kill {
                     return Err(kill.clone());
                 }
-                if !state.frames.is_empty() {
-                    let n = state.frames.len().min(max);
-                    batch.extend(state.frames.drain(..n));
-                    // Give back memory a burst left behind.
-                    if state.frames.is_empty() && state.frames.capacity() > 64 {
-                        state.frames = VecDeque::new();
+                if !st.frames.is_empty() {
+                    let n = st.frames.len().min(max);
+                    let mut written = st.written_id;
+                    for (text, id) in st.frames.drain(..n) {
+                        if id != 0 {
+                            written = id;
+                        }
+                        batch.push(text);
                     }
-                    return Ok(());
+                    st.written_id = written;
+                    st.bytes -= batch.iter().map(|t| t.len()).sum::<usize>();
+                    // Give back memory a burst left behind.
+                    if st.frames.is_empty() && st.frames.capacity() > 64 {
+                        st.frames = VecDeque::new();
+                    }
+                    return Ok(Next::Frames);
+                }
+                if st.behind && !st.fetching {
+                    st.fetching = true;
+                    return Ok(Next::Fetch(st.written_id));
                 }
             }
             // `notify_one` stores a permit when nobody waits, so a push
@@ -119,9 +251,12 @@ impl SocketQueue {
             self.ready.notified().await;
         }
     }
-}
 
-impl SocketQueue {
+    /// A fetch could not be sent (no worker right now): ask again later.
+    pub fn fetch_failed(&self) {
+        self.state().fetching = false;
+    }
+
     /// Waits until the socket is ordered closed, taking no frames.
     pub async fn killed(&self) -> Kill {
         loop {
@@ -133,21 +268,39 @@ impl SocketQueue {
             self.ready.notified().await;
         }
     }
+
+    /// Wakes the writer (a fetch may be due again).
+    pub fn wake(&self) {
+        self.ready.notify_one();
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const LIMITS: Limits = Limits {
+        frames: 2,
+        bytes: 1 << 20,
+    };
+
+    fn chat(q: &SocketQueue, ids: &[u64], fetched: bool, complete: bool) -> Push {
+        let texts: Vec<Utf8Bytes> = ids.iter().map(|i| i.to_string().into()).collect();
+        q.deliver(&Delivery {
+            texts: &texts,
+            ids,
+            log: "",
+            fetched,
+            complete,
+        })
+    }
+
     #[tokio::test]
-    async fn bounded_and_killable() {
-        let q = SocketQueue::new(2);
+    async fn killable_and_the_first_order_wins() {
+        let q = SocketQueue::new(LIMITS);
         assert_eq!(q.push("a".into()), Push::Queued);
-        assert_eq!(q.push("b".into()), Push::Queued);
-        assert_eq!(q.push("c".into()), Push::Full);
         let mut batch = Vec::new();
-        q.next(&mut batch, 10).await.unwrap();
-        assert_eq!(batch, vec![Utf8Bytes::from("a"), Utf8Bytes::from("b")]);
+        assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Frames));
         q.kill(CloseReason::TooSlow.into());
         q.kill(CloseReason::GoingAway.into());
         assert_eq!(q.push("d".into()), Push::Closed);
@@ -158,17 +311,42 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn wakes_a_waiting_reader() {
-        let q = std::sync::Arc::new(SocketQueue::new(4));
-        let reader = {
-            let q = q.clone();
-            tokio::spawn(async move {
-                let mut batch = Vec::new();
-                q.next(&mut batch, 4).await.map(|_| batch)
-            })
-        };
-        tokio::task::yield_now().await;
-        q.push("x".into());
-        assert_eq!(reader.await.unwrap().unwrap(), vec![Utf8Bytes::from("x")]);
+    async fn replays_are_dropped_by_id() {
+        let q = SocketQueue::new(Limits {
+            frames: 10,
+            bytes: 1 << 20,
+        });
+        chat(&q, &[1, 2], false, false);
+        chat(&q, &[2, 3], false, false);
+        let mut batch = Vec::new();
+        q.next(&mut batch, 10).await.unwrap();
+        assert_eq!(batch, ["1", "2", "3"].map(Utf8Bytes::from));
+        assert_eq!(q.place().last_id, 3);
+    }
+
+    #[tokio::test]
+    async fn an_overflow_falls_behind_and_fetches_in_order() {
+        let q = SocketQueue::new(LIMITS);
+        chat(&q, &[1], false, false);
+        let mut batch = Vec::new();
+        q.next(&mut batch, 1).await.unwrap();
+        assert_eq!(chat(&q, &[2, 3, 4], false, false), Push::Behind);
+        // Live messages are dropped while behind, and the writer is asked
+        // to fetch after the last message it wrote.
+        chat(&q, &[5], false, false);
+        assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(1)));
+        chat(&q, &[2, 3], true, false);
+        batch.clear();
+        q.next(&mut batch, 10).await.unwrap();
+        assert_eq!(batch, ["2", "3"].map(Utf8Bytes::from));
+        assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(3)));
+        chat(&q, &[4, 5], true, true);
+        batch.clear();
+        q.next(&mut batch, 10).await.unwrap();
+        assert_eq!(batch, ["4", "5"].map(Utf8Bytes::from));
+        chat(&q, &[6], false, false);
+        batch.clear();
+        q.next(&mut batch, 10).await.unwrap();
+        assert_eq!(batch, ["6"].map(Utf8Bytes::from), "live again");
     }
 }

@@ -16,10 +16,13 @@ use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use std::sync::Arc;
+
 use crate::error::CloseReason;
 use crate::frames::{FrameWriter, ReadHalf};
-use crate::queue::Kill;
-use crate::upstream::Attachment;
+use crate::queue::{Kill, Next};
+use crate::socket::Socket;
+use crate::upstream::Upstream;
 
 /// Frames written in one vectored write: batches a burst into few syscalls.
 const WRITE_BATCH: usize = 64;
@@ -66,15 +69,18 @@ impl RateLimit {
 }
 
 /// Runs the socket until either side ends it, then tells the worker.
+/// A write that makes no progress for `stall` closes the socket (1008).
 pub async fn run(
     mut reader: Reader,
     mut writer: FrameWriter,
-    attachment: Attachment,
+    socket: Arc<Socket>,
+    upstream: Arc<Upstream>,
     mut limit: RateLimit,
     drain: CancellationToken,
+    stall: Duration,
 ) {
-    let Attachment { link, queue } = attachment;
-    let ws_id = link.ws_id;
+    let queue = &socket.queue;
+    let ws_id = socket.ws_id;
     // One waiter for the whole session: the token is shared by every socket,
     // and a fresh `cancelled()` each turn would lock its waiter list each turn.
     let drained = drain.cancelled_owned();
@@ -84,28 +90,35 @@ pub async fn run(
         let mut batch = Vec::new();
         tokio::select! {
             _ = &mut drained => break Some(CloseReason::GoingAway.into()),
-            next = queue.next(&mut batch, WRITE_BATCH) => {
-                if let Err(kill) = next {
-                    break Some(kill);
-                }
-                // A write to a slow client may block; it must not keep the
-                // socket from being killed or drained.
-                tokio::select! {
-                    written = writer.text(&batch) => {
-                        if written.is_err() {
-                            break None;
-                        }
+            next = queue.next(&mut batch, WRITE_BATCH) => match next {
+                Err(kill) => break Some(kill),
+                // Behind, and all written: fetch what was missed.
+                Ok(Next::Fetch(after)) => upstream.fetch(&socket, after).await,
+                Ok(Next::Frames) => {
+                    // A write to a slow client may block; it must not keep the
+                    // socket from being killed or drained.
+                    tokio::select! {
+                        written = tokio::time::timeout(stall, writer.text(&batch)) => match written {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => break None,
+                            Err(_) => break Some(CloseReason::TooSlow.into()),
+                        },
+                        kill = queue.killed() => break Some(kill),
+                        _ = &mut drained => break Some(CloseReason::GoingAway.into()),
                     }
-                    kill = queue.killed() => break Some(kill),
-                    _ = &mut drained => break Some(CloseReason::GoingAway.into()),
                 }
-            }
+            },
             _ = tokio::time::sleep_until(throttle.unwrap_or_else(Instant::now)), if throttle.is_some() => {}
             msg = reader.next(), if throttle.is_none() => match msg {
                 Some(Ok(Message::Text(text))) => {
                     limit.take();
-                    if !link.frame(text.into()).await {
-                        break Some(CloseReason::WorkerLost.into());
+                    // Waits only while this client has too many frames in
+                    // flight (its worker is away or slow): it is read no
+                    // faster, and nobody else waits.
+                    tokio::select! {
+                        _ = upstream.send_frame(&socket, text.into()) => {}
+                        kill = queue.killed() => break Some(kill),
+                        _ = &mut drained => break Some(CloseReason::GoingAway.into()),
                     }
                 }
                 Some(Ok(Message::Binary(_))) => break Some(CloseReason::Binary.into()),
@@ -115,11 +128,11 @@ pub async fn run(
                     // a client that pings and never reads fills its window.
                     limit.take();
                     tokio::select! {
-                        written = writer.pong(&payload) => {
-                            if written.is_err() {
-                                break None;
-                            }
-                        }
+                        written = tokio::time::timeout(stall, writer.pong(&payload)) => match written {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => break None,
+                            Err(_) => break Some(CloseReason::TooSlow.into()),
+                        },
                         kill = queue.killed() => break Some(kill),
                         _ = &mut drained => break Some(CloseReason::GoingAway.into()),
                     }
@@ -146,7 +159,7 @@ pub async fn run(
         debug!(ws_id, code = kill.code, reason = %kill.reason, "closing socket");
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.close(kill.code, &kill.reason)).await;
     }
-    link.close(&queue).await;
+    upstream.close(&socket).await;
 }
 
 /// The close we owe the client for a read error, or `None` when the

@@ -1,337 +1,845 @@
-//! The links to workers, and the table of sockets they deliver to.
+//! The links to workers, and the gateway-wide table of sockets.
 //!
-//! Shared mode keeps one `Link` stream per worker, opened by a task that
-//! reconnects with backoff. Every socket routed to that worker is in the
-//! link's [`Registry`]; a `Deliver` is fanned out by looking each WebSocket ID
-//! up there. When the stream breaks, every socket on it is closed with 1012
-//! (their clients reconnect and replay what they missed from the log), and
-//! the registry is retired so no socket can join a dead link.
+//! Every socket lives in one table for its whole life ([`Socket`]),
+//! whichever worker serves it. Workers are found by resolving the `--worker`
+//! addresses (a compose service name resolves to every replica) every few
+//! seconds; each address gets a [`WorkerLink`] whose task keeps one stream
+//! up. In shared mode that stream carries every socket the gateway attached
+//! to the worker; in private mode it carries none (it tells the gateway the
+//! worker is alive, which log it serves, and when it drains), and each
+//! socket opens a stream of its own, spread over a few HTTP/2 connections so
+//! one GOAWAY cannot take every socket down.
 //!
-//! Private mode opens a stream per socket on the same HTTP/2 connection; a
-//! small pump task moves that stream's deliveries into the socket's queue, so
-//! both modes share one overflow policy.
-//!
-//! Either way the socket's session gets an [`Attachment`]: a sender for its
-//! events towards the worker, and its outbound [`SocketQueue`].
+//! A link that breaks (the worker died, hung past the HTTP/2 keepalive
+//! timeout, or was cut off) or that drains (the worker is stopping) detaches
+//! its sockets; no browser socket closes. The mover task re-attaches them to
+//! live workers, with bounded concurrency, handing back each socket's parked
+//! state, its last message id and its unacknowledged frames. Only a socket
+//! left with no worker for the whole re-attach grace is closed (1012).
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use sharedconn_proto::gateway_event::Event;
 use sharedconn_proto::worker_client::WorkerClient;
 use sharedconn_proto::worker_command::Command;
-use sharedconn_proto::{Close, Frame, GatewayEvent, Hello, Open, WorkerCommand};
-use tokio::sync::mpsc;
+use sharedconn_proto::{Close, Fetch, Frame, GatewayEvent, Hello, Open, Synced, WorkerCommand};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, Mode};
 use crate::error::{CloseReason, Error};
-use crate::queue::{Kill, Push, SocketQueue};
+use crate::queue::{Delivery, Kill, Limits};
+use crate::socket::{Resume, Route, Socket, StreamHandle};
 
 /// Events queued towards a worker on a shared stream. Sessions wait when it
 /// is full (HTTP/2 flow control is pushing back), so it only needs to cover
 /// a burst; a waiting session stops reading its socket, pushing back on
 /// that client alone.
 const SHARED_EVENT_QUEUE: usize = 4096;
-/// Events queued on a private stream: one socket's frames.
-const PRIVATE_EVENT_QUEUE: usize = 16;
+/// Events queued on a private stream: one socket's frames, and on a
+/// re-attach its unacknowledged ones.
+const PRIVATE_EVENT_QUEUE: usize = 64;
 /// HTTP/2 flow-control windows: big enough that a burst of broadcasts is
 /// not held back by round trips on the shared stream.
 const STREAM_WINDOW: u32 = 8 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
-/// How long the private-mode health probe may take to reach a worker.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// HTTP/2 connections per worker for private streams.
+const PRIVATE_CONNECTIONS: usize = 4;
+/// Sockets re-attached at once: a private-mode re-attach opens a stream
+/// each, and 10,000 opening together would be a storm.
+const REATTACH_CONCURRENCY: usize = 64;
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// How often worker addresses are resolved again.
+const RESOLVE_EVERY: Duration = Duration::from_secs(2);
+/// How long a worker may take to answer `Hello` with `Welcome`.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// WebSocket ID → the socket's queue, for one shared link.
-#[derive(Default)]
-struct Registry {
-    inner: RwLock<RegistryInner>,
+/// A worker address as configured, split for resolving.
+#[derive(Debug, Clone)]
+struct Target {
+    host: String,
+    port: u16,
 }
 
-#[derive(Default)]
-struct RegistryInner {
-    slots: HashMap<u64, Arc<SocketQueue>>,
-    /// Set when the link broke: nothing may join any more.
-    retired: bool,
-}
-
-impl Registry {
-    fn insert(&self, ws: u64, queue: Arc<SocketQueue>) -> bool {
-        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        if inner.retired {
-            return false;
-        }
-        inner.slots.insert(ws, queue);
-        true
-    }
-
-    fn remove(&self, ws: u64) {
-        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        inner.slots.remove(&ws);
-    }
-
-    fn kill(&self, ws: u64, kill: Kill) {
-        let slot = {
-            let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-            inner.slots.remove(&ws)
-        };
-        if let Some(queue) = slot {
-            queue.kill(kill);
-        }
-    }
-
-    /// Queues `text` for every listed socket. Never waits: a socket whose
-    /// queue is full is closed as too slow (dropping a frame instead would
-    /// break the one order every client must see).
-    fn deliver(&self, ids: &[u64], texts: &[Utf8Bytes]) {
-        let mut overflowed = Vec::new();
-        {
-            let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-            for ws in ids {
-                let Some(queue) = inner.slots.get(ws) else {
-                    continue;
-                };
-                if texts.iter().any(|t| queue.push(t.clone()) == Push::Full) {
-                    overflowed.push(*ws);
-                }
-            }
-        }
-        for ws in overflowed {
-            debug!(ws_id = ws, "socket queue full");
-            self.kill(ws, CloseReason::TooSlow.into());
-        }
-    }
-
-    fn retire(&self, reason: CloseReason) -> usize {
-        let slots = {
-            let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-            inner.retired = true;
-            std::mem::take(&mut inner.slots)
-        };
-        let n = slots.len();
-        for (_, queue) in slots {
-            queue.kill(reason.into());
-        }
-        n
-    }
-}
-
-/// What a session gets when its socket is attached to a worker.
-pub struct Attachment {
-    pub link: SocketLink,
-    /// Frames addressed to this socket, and the order to close it from
-    /// outside (overflow, worker lost, the worker's `Disconnect`).
-    pub queue: Arc<SocketQueue>,
-}
-
-/// A socket's way to the worker.
-pub struct SocketLink {
-    pub ws_id: u64,
-    events: mpsc::Sender<GatewayEvent>,
-    /// Shared mode: the registry to leave on close.
-    registry: Option<Arc<Registry>>,
-}
-
-impl SocketLink {
-    /// Forwards a text frame; false when the link is gone.
-    pub async fn frame(&self, text: Bytes) -> bool {
-        let event = Event::Frame(Frame {
-            ws_id: self.ws_id,
-            text,
-        });
-        self.events
-            .send(GatewayEvent { event: Some(event) })
-            .await
-            .is_ok()
-    }
-
-    /// Tells the worker the socket is gone and leaves the registry.
-    pub async fn close(self, queue: &SocketQueue) {
-        // Whatever still feeds the queue (a private pump) stops.
-        queue.kill(CloseReason::GoingAway.into());
-        if let Some(registry) = &self.registry {
-            registry.remove(self.ws_id);
-        }
-        let event = Event::Close(Close { ws_id: self.ws_id });
-        let _ = self.events.send(GatewayEvent { event: Some(event) }).await;
-    }
-}
-
-/// The current stream of one shared link, while it is up.
-struct LiveLink {
-    events: mpsc::Sender<GatewayEvent>,
-    registry: Arc<Registry>,
-}
-
-/// One worker, as the gateway sees it.
-struct WorkerLink {
-    url: String,
-    /// `host:port`, for the private-mode health probe.
-    authority: String,
-    channel: Channel,
-    /// Shared mode: the live stream, if any.
-    live: RwLock<Option<LiveLink>>,
+/// One worker (one resolved address), as the gateway sees it.
+pub struct WorkerLink {
+    addr: SocketAddr,
+    /// Which configured address resolved to this one.
+    target: usize,
+    /// `[0]` carries the shared (or control) stream; private streams are
+    /// spread over all of them.
+    channels: Vec<Channel>,
+    /// The shared (or control) stream, while up and accepted.
+    live: RwLock<Option<StreamHandle>>,
+    /// The worker asked for its sockets to move: no new ones.
+    draining: AtomicBool,
+    /// The worker's log name, from its `Welcome`.
+    log: Mutex<String>,
+    /// Sockets attached, for spreading new ones.
+    load: AtomicUsize,
+    /// Cancelled when the address no longer resolves.
+    gone: CancellationToken,
 }
 
 impl WorkerLink {
-    fn linked(&self) -> bool {
-        self.live.read().map(|l| l.is_some()).unwrap_or(false)
+    fn live(&self) -> Option<StreamHandle> {
+        if self.draining.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
-/// All workers, and how sockets reach them.
+/// All workers, and every socket.
 pub struct Upstream {
     mode: Mode,
-    gateway_tag: u32,
-    socket_queue: usize,
-    workers: Vec<Arc<WorkerLink>>,
+    tag: u32,
+    /// Names this run of the gateway; workers purge a previous run's users.
+    boot: u64,
+    token: String,
+    limits: Limits,
+    link_timeout: Duration,
+    reattach_grace: Duration,
+    targets: Vec<Target>,
+    table: RwLock<HashMap<u64, Arc<Socket>>>,
+    workers: RwLock<Vec<Arc<WorkerLink>>>,
+    next_stream: AtomicU64,
+    next_pick: AtomicUsize,
+    /// Sockets waiting for a worker.
+    detached: Mutex<Vec<u64>>,
+    /// Sockets that closed while detached: their `Close` goes out on the next
+    /// live stream, so their users leave the list.
+    pending_closes: Mutex<Vec<u64>>,
+    /// Wakes the mover: sockets were detached, or a worker came up.
+    moved: Notify,
+    stop: CancellationToken,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn event(e: Event) -> GatewayEvent {
+    GatewayEvent { event: Some(e) }
 }
 
 impl Upstream {
-    /// Creates the links. In shared mode a task per worker keeps a stream up
-    /// until `stop` is cancelled.
-    pub fn start(
-        config: &Config,
-        gateway_tag: u32,
-        stop: CancellationToken,
-    ) -> Result<Arc<Self>, Error> {
-        let mut workers = Vec::new();
+    /// Starts resolving the workers and linking to them, until `stop`.
+    pub fn start(config: &Config, tag: u32, stop: CancellationToken) -> Result<Arc<Self>, Error> {
+        let mut targets = Vec::new();
         for url in &config.workers {
-            let endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| Error::WorkerAddress(url.clone(), e.to_string()))?
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(2))
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(10))
-                .initial_stream_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW);
-            let uri = endpoint.uri();
-            let port = uri.port_u16().unwrap_or(80);
-            let authority = format!("{}:{port}", uri.host().unwrap_or("localhost"));
-            workers.push(Arc::new(WorkerLink {
-                url: url.clone(),
-                authority,
-                channel: endpoint.connect_lazy(),
-                live: RwLock::new(None),
-            }));
+            let uri: tonic::codegen::http::Uri = url
+                .parse()
+                .map_err(|e| Error::WorkerAddress(url.clone(), format!("{e}")))?;
+            let host = uri
+                .host()
+                .ok_or_else(|| Error::WorkerAddress(url.clone(), "no host".into()))?;
+            targets.push(Target {
+                host: host.trim_matches(['[', ']']).to_owned(),
+                port: uri.port_u16().unwrap_or(50051),
+            });
         }
         let upstream = Arc::new(Upstream {
             mode: config.mode,
-            gateway_tag,
-            socket_queue: config.socket_queue,
-            workers,
+            tag,
+            boot: rand::random::<u64>().max(1),
+            token: config.link_token.clone().unwrap_or_default(),
+            limits: Limits {
+                frames: config.socket_queue,
+                bytes: config.socket_queue_bytes,
+            },
+            link_timeout: config.link_timeout,
+            reattach_grace: config.reattach_grace,
+            targets,
+            table: RwLock::new(HashMap::new()),
+            workers: RwLock::new(Vec::new()),
+            next_stream: AtomicU64::new(1),
+            next_pick: AtomicUsize::new(0),
+            detached: Mutex::new(Vec::new()),
+            pending_closes: Mutex::new(Vec::new()),
+            moved: Notify::new(),
+            stop,
         });
-        if config.mode == Mode::Shared {
-            for worker in &upstream.workers {
-                tokio::spawn(keep_linked(worker.clone(), gateway_tag, stop.clone()));
-            }
-        }
+        tokio::spawn(upstream.clone().resolve_loop());
+        tokio::spawn(upstream.clone().mover());
         Ok(upstream)
     }
 
-    /// Whether a socket opened now could be attached without waiting: in
-    /// shared mode, whether every worker's link is up. Private mode opens a
-    /// stream per socket and has nothing to look at here.
+    pub fn boot(&self) -> u64 {
+        self.boot
+    }
+
+    fn workers(&self) -> Vec<Arc<WorkerLink>> {
+        self.workers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// How many workers are linked now.
+    pub fn linked(&self) -> usize {
+        self.workers().iter().filter(|w| w.live().is_some()).count()
+    }
+
+    /// Whether a socket can be served now: some worker is linked.
     pub fn ready(&self) -> bool {
-        match self.mode {
-            Mode::Shared => self.workers.iter().all(|w| w.linked()),
-            Mode::Private => true,
+        self.linked() > 0
+    }
+
+    /// For `/healthz`: healthy while linked to at least one worker.
+    pub async fn healthy(&self) -> bool {
+        self.ready()
+    }
+
+    pub fn socket_count(&self) -> usize {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn socket(&self, ws: u64) -> Option<Arc<Socket>> {
+        self.table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ws)
+            .cloned()
+    }
+
+    /// The live worker with the fewest sockets (ties rotate).
+    fn pick(&self) -> Option<Arc<WorkerLink>> {
+        let workers = self.workers();
+        let live: Vec<_> = workers.iter().filter(|w| w.live().is_some()).collect();
+        if live.is_empty() {
+            return None;
+        }
+        let start = self.next_pick.fetch_add(1, Ordering::Relaxed) % live.len();
+        (0..live.len())
+            .map(|i| live[(start + i) % live.len()])
+            .min_by_key(|w| w.load.load(Ordering::Relaxed))
+            .map(|w| (*w).clone())
+    }
+
+    fn hello(&self, mode: Mode, resuming: bool) -> GatewayEvent {
+        let mode = match mode {
+            Mode::Shared => sharedconn_proto::Mode::Shared,
+            Mode::Private => sharedconn_proto::Mode::Private,
+        };
+        event(Event::Hello(Hello {
+            gateway_tag: self.tag,
+            mode: mode.into(),
+            boot_id: self.boot,
+            token: self.token.clone(),
+            resuming,
+        }))
+    }
+
+    /// Registers a new socket and attaches it to a worker (sends `Open`).
+    pub async fn attach(
+        self: &Arc<Self>,
+        ws_id: u64,
+        since: u64,
+    ) -> Result<Arc<Socket>, CloseReason> {
+        let socket = Arc::new(Socket::new(ws_id, now_ms(), self.limits));
+        self.table
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ws_id, socket.clone());
+        let open = Open {
+            ws_id,
+            since,
+            opened_ms: socket.opened_ms,
+            ..Open::default()
+        };
+        let attached = self
+            .open_on_a_worker(&socket, open, Vec::new(), false)
+            .await;
+        match attached {
+            Ok(_) => Ok(socket),
+            Err(reason) => {
+                self.table
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&ws_id);
+                Err(reason)
+            }
         }
     }
 
-    /// For `/healthz`: in shared mode the links' state; in private mode a
-    /// connection to every worker, made now (bounded by a short timeout).
-    pub async fn healthy(&self) -> bool {
-        match self.mode {
-            Mode::Shared => self.ready(),
-            Mode::Private => {
-                for worker in &self.workers {
-                    let probe = tokio::net::TcpStream::connect(worker.authority.as_str());
-                    if !matches!(tokio::time::timeout(PROBE_TIMEOUT, probe).await, Ok(Ok(_))) {
-                        return false;
+    /// Sends `open` and then `frames` to a live worker, and attaches the
+    /// socket to that stream. The socket must be `Moving`.
+    async fn open_on_a_worker(
+        self: &Arc<Self>,
+        socket: &Arc<Socket>,
+        open: Open,
+        frames: Vec<(u64, Bytes)>,
+        resuming: bool,
+    ) -> Result<StreamHandle, CloseReason> {
+        let worker = self.pick().ok_or(CloseReason::NoWorker)?;
+        let stream = match self.mode {
+            Mode::Shared => worker.live().ok_or(CloseReason::NoWorker)?,
+            Mode::Private => self.open_private(&worker, socket.ws_id, resuming).await?,
+        };
+        let ws_id = socket.ws_id;
+        if stream.events.send(event(Event::Open(open))).await.is_err() {
+            return Err(CloseReason::NoWorker);
+        }
+        let mut sent = 0;
+        let mut frames = frames;
+        loop {
+            for (seq, text) in frames {
+                let frame = Event::Frame(Frame { ws_id, text, seq });
+                if stream.events.send(event(frame)).await.is_err() {
+                    return Err(CloseReason::NoWorker);
+                }
+                sent = seq;
+            }
+            match socket.finish_move(&stream, sent) {
+                Ok(()) => break,
+                Err(newer) => frames = newer,
+            }
+        }
+        worker.load.fetch_add(1, Ordering::Relaxed);
+        Ok(stream)
+    }
+
+    /// Opens a socket's own stream to `worker` (private mode).
+    async fn open_private(
+        self: &Arc<Self>,
+        worker: &Arc<WorkerLink>,
+        ws_id: u64,
+        resuming: bool,
+    ) -> Result<StreamHandle, CloseReason> {
+        let (events, rx) = mpsc::channel(PRIVATE_EVENT_QUEUE);
+        let _ = events.try_send(self.hello(Mode::Private, resuming));
+        let channel = worker.channels[(ws_id as usize) % worker.channels.len()].clone();
+        let mut client = WorkerClient::new(channel);
+        let response = client
+            .link(ReceiverStream::new(rx))
+            .await
+            .map_err(|status| {
+                debug!(ws_id, %status, "private link refused");
+                CloseReason::NoWorker
+            })?;
+        let stream = StreamHandle {
+            id: self.next_stream.fetch_add(1, Ordering::Relaxed),
+            events,
+        };
+        tokio::spawn(
+            self.clone()
+                .pump_private(worker.clone(), stream.id, response.into_inner()),
+        );
+        Ok(stream)
+    }
+
+    /// Moves one private stream's commands to its socket until it ends.
+    async fn pump_private(
+        self: Arc<Self>,
+        worker: Arc<WorkerLink>,
+        stream_id: u64,
+        mut commands: tonic::Streaming<WorkerCommand>,
+    ) {
+        loop {
+            match commands.message().await {
+                Ok(Some(WorkerCommand {
+                    command: Some(command),
+                })) => {
+                    if matches!(command, Command::Draining(_)) {
+                        break;
+                    }
+                    self.on_command(&worker, command);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(status) => {
+                    debug!(stream_id, %status, "private stream ended");
+                    break;
+                }
+            }
+        }
+        self.stream_lost(&worker, stream_id);
+    }
+
+    /// Applies one command from a worker.
+    fn on_command(&self, worker: &WorkerLink, command: Command) {
+        match command {
+            Command::Deliver(d) => {
+                let Some(texts) = checked(d.texts) else {
+                    return;
+                };
+                let delivery = Delivery {
+                    texts: &texts,
+                    ids: &d.ids,
+                    log: &d.log,
+                    fetched: d.fetched,
+                    complete: d.complete,
+                };
+                let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+                for ws in &d.ws_ids {
+                    if let Some(socket) = table.get(ws) {
+                        socket.queue.deliver(&delivery);
                     }
                 }
-                true
+            }
+            Command::Disconnect(d) => {
+                if let Some(socket) = self.socket(d.ws_id) {
+                    socket.queue.kill(Kill {
+                        code: d.code as u16,
+                        reason: d.reason,
+                    });
+                }
+            }
+            Command::Ack(a) => {
+                let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+                for (ws, seq) in a.ws_ids.iter().zip(&a.seqs) {
+                    if let Some(socket) = table.get(ws) {
+                        socket.ack(*seq);
+                    }
+                }
+            }
+            Command::Park(p) => {
+                if let Some(socket) = self.socket(p.ws_id) {
+                    socket.park(p.state);
+                }
+            }
+            Command::Welcome(w) => {
+                *worker.log.lock().unwrap_or_else(|e| e.into_inner()) = w.log;
+            }
+            Command::Draining(_) => {}
+        }
+    }
+
+    /// A stream ended: its sockets wait for the mover.
+    fn stream_lost(&self, worker: &WorkerLink, stream_id: u64) {
+        let lost: Vec<u64> = self
+            .table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|s| s.detach_from(stream_id))
+            .map(|s| s.ws_id)
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        worker.load.fetch_sub(
+            lost.len().min(worker.load.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        debug!(worker = %worker.addr, sockets = lost.len(), "sockets detached");
+        self.detached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(lost);
+        self.moved.notify_one();
+    }
+
+    /// Forwards a client frame, or keeps it for the next worker. Waits while
+    /// the socket has too many frames unacknowledged.
+    pub async fn send_frame(&self, socket: &Socket, text: Bytes) {
+        let (seq, stream) = socket.hold_frame(text.clone()).await;
+        if let Some(stream) = stream {
+            let frame = Event::Frame(Frame {
+                ws_id: socket.ws_id,
+                text,
+                seq,
+            });
+            // A failed send means the stream is gone: the frame is held and
+            // goes with the re-attach.
+            let _ = stream.events.send(event(frame)).await;
+        }
+    }
+
+    /// Asks the worker for the messages a socket that fell behind missed.
+    pub async fn fetch(&self, socket: &Socket, after: u64) {
+        match socket.route() {
+            Route::Attached(stream) => {
+                // Room for the answer and a little live traffic behind it.
+                let fetch = Event::Fetch(Fetch {
+                    ws_id: socket.ws_id,
+                    after,
+                    max_messages: (self.limits.frames / 2).max(1) as u32,
+                    max_bytes: (self.limits.bytes / 2) as u64,
+                });
+                if stream.events.send(event(fetch)).await.is_err() {
+                    socket.queue.fetch_failed();
+                }
+            }
+            // The re-attach replays, and the fetch is asked again after it.
+            _ => socket.queue.fetch_failed(),
+        }
+    }
+
+    /// The socket is gone: tell its worker, or the next one.
+    pub async fn close(&self, socket: &Socket) {
+        socket.queue.kill(CloseReason::GoingAway.into());
+        self.table
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&socket.ws_id);
+        let close = event(Event::Close(Close {
+            ws_id: socket.ws_id,
+        }));
+        match socket.close() {
+            Some(stream) => {
+                let _ = stream.events.send(close).await;
+            }
+            None => {
+                self.pending_closes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(socket.ws_id);
+                self.moved.notify_one();
             }
         }
     }
 
-    /// Attaches a new socket to its worker and sends `Open`.
-    pub async fn attach(&self, ws_id: u64, since: u64) -> Result<Attachment, CloseReason> {
-        let worker = &self.workers[(ws_id as usize) % self.workers.len()];
-        let queue = Arc::new(SocketQueue::new(self.socket_queue));
-        let open = GatewayEvent {
-            event: Some(Event::Open(Open { ws_id, since })),
-        };
-        match self.mode {
-            Mode::Shared => {
-                let (events, registry) = {
-                    let live = worker.live.read().unwrap_or_else(|e| e.into_inner());
-                    let live = live.as_ref().ok_or(CloseReason::NoWorker)?;
-                    (live.events.clone(), live.registry.clone())
+    /// Resolves the worker addresses now and every few seconds; links to
+    /// new ones, lets go of those that are gone.
+    async fn resolve_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(RESOLVE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            for (i, target) in self.targets.iter().enumerate() {
+                let found = match tokio::net::lookup_host((target.host.as_str(), target.port)).await
+                {
+                    Ok(found) => found.collect::<Vec<_>>(),
+                    Err(e) => {
+                        debug!(host = %target.host, error = %e, "cannot resolve worker address");
+                        continue;
+                    }
                 };
-                if !registry.insert(ws_id, queue.clone()) {
-                    return Err(CloseReason::NoWorker);
-                }
-                if events.send(open).await.is_err() {
-                    registry.remove(ws_id);
-                    return Err(CloseReason::NoWorker);
-                }
-                Ok(Attachment {
-                    link: SocketLink {
-                        ws_id,
-                        events,
-                        registry: Some(registry),
-                    },
-                    queue,
-                })
+                self.reconcile(i, target, found);
             }
-            Mode::Private => {
-                let (events, rx) = mpsc::channel(PRIVATE_EVENT_QUEUE);
-                let hello = hello(self.gateway_tag, Mode::Private);
-                // Both fit: the queue is empty and holds more than two.
-                let _ = events.try_send(hello);
-                let _ = events.try_send(open);
-                let mut client = WorkerClient::new(worker.channel.clone());
-                let response = client
-                    .link(ReceiverStream::new(rx))
-                    .await
-                    .map_err(|status| {
-                        debug!(ws_id, %status, "private link refused");
-                        CloseReason::NoWorker
-                    })?;
-                tokio::spawn(pump_private(response.into_inner(), queue.clone()));
-                Ok(Attachment {
-                    link: SocketLink {
-                        ws_id,
-                        events,
-                        registry: None,
-                    },
-                    queue,
-                })
+        }
+        for worker in self.workers() {
+            worker.gone.cancel();
+        }
+    }
+
+    fn reconcile(self: &Arc<Self>, index: usize, target: &Target, found: Vec<SocketAddr>) {
+        let mut workers = self.workers.write().unwrap_or_else(|e| e.into_inner());
+        workers.retain(|w| {
+            if w.target == index && !found.contains(&w.addr) {
+                info!(worker = %w.addr, host = %target.host, "worker address gone");
+                w.gone.cancel();
+                return false;
+            }
+            true
+        });
+        for addr in found {
+            if workers.iter().any(|w| w.addr == addr) {
+                continue;
+            }
+            match self.new_link(addr, index) {
+                Ok(link) => {
+                    info!(worker = %addr, host = %target.host, "worker found");
+                    tokio::spawn(self.clone().keep_linked(link.clone()));
+                    workers.push(link);
+                }
+                Err(e) => warn!(worker = %addr, error = %e, "cannot link to worker"),
             }
         }
     }
-}
 
-fn hello(gateway_tag: u32, mode: Mode) -> GatewayEvent {
-    let mode = match mode {
-        Mode::Shared => sharedconn_proto::Mode::Shared,
-        Mode::Private => sharedconn_proto::Mode::Private,
-    };
-    GatewayEvent {
-        event: Some(Event::Hello(Hello {
-            gateway_tag,
-            mode: mode.into(),
-        })),
+    fn new_link(&self, addr: SocketAddr, target: usize) -> Result<Arc<WorkerLink>, Error> {
+        let url = format!("http://{addr}");
+        let half = self.link_timeout / 2;
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| Error::WorkerAddress(url.clone(), e.to_string()))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2))
+            // A hung worker (SIGSTOP) or a cut link is found within the link
+            // timeout: a ping every half of it, an answer due within the other.
+            .http2_keep_alive_interval(half)
+            .keep_alive_timeout(half)
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW);
+        let connections = match self.mode {
+            Mode::Shared => 1,
+            Mode::Private => PRIVATE_CONNECTIONS,
+        };
+        Ok(Arc::new(WorkerLink {
+            addr,
+            target,
+            channels: (0..connections).map(|_| endpoint.connect_lazy()).collect(),
+            live: RwLock::new(None),
+            draining: AtomicBool::new(false),
+            log: Mutex::new(String::new()),
+            load: AtomicUsize::new(0),
+            gone: self.stop.child_token(),
+        }))
+    }
+
+    /// Keeps the shared (or control) stream to one worker up until the
+    /// worker's address is gone.
+    async fn keep_linked(self: Arc<Self>, worker: Arc<WorkerLink>) {
+        let mut backoff = RECONNECT_MIN;
+        loop {
+            let linked = tokio::select! {
+                _ = worker.gone.cancelled() => break,
+                linked = self.run_link(&worker) => linked,
+            };
+            if linked {
+                backoff = RECONNECT_MIN;
+            }
+            tokio::select! {
+                _ = worker.gone.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(RECONNECT_MAX);
+        }
+        self.unlink(&worker);
+    }
+
+    fn unlink(&self, worker: &WorkerLink) {
+        let live = worker
+            .live
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(stream) = live {
+            self.stream_lost(worker, stream.id);
+        }
+    }
+
+    /// Opens the stream and serves it until it ends. Returns whether it was up.
+    async fn run_link(self: &Arc<Self>, worker: &Arc<WorkerLink>) -> bool {
+        let (events, rx) = mpsc::channel(SHARED_EVENT_QUEUE);
+        let resuming = !self
+            .detached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        let _ = events.try_send(self.hello(Mode::Shared, resuming));
+        let mut client = WorkerClient::new(worker.channels[0].clone());
+        let mut commands = match client.link(ReceiverStream::new(rx)).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                if status.code() == tonic::Code::Unauthenticated {
+                    error!(worker = %worker.addr, "worker refused the link token");
+                } else {
+                    debug!(worker = %worker.addr, %status, "link refused");
+                }
+                return false;
+            }
+        };
+        // The first command names the worker's log.
+        let log = match tokio::time::timeout(WELCOME_TIMEOUT, commands.message()).await {
+            Ok(Ok(Some(WorkerCommand {
+                command: Some(Command::Welcome(w)),
+            }))) => w.log,
+            _ => {
+                warn!(worker = %worker.addr, "worker did not welcome the link");
+                return false;
+            }
+        };
+        if let Some(other) = self.other_log(worker, &log) {
+            error!(
+                worker = %worker.addr,
+                log = %log,
+                linked_log = %other,
+                "worker serves another chat (a different message log): not linking to it; \
+                 workers of one chat must share one backplane"
+            );
+            return false;
+        }
+        *worker.log.lock().unwrap_or_else(|e| e.into_inner()) = log.clone();
+        worker.draining.store(false, Ordering::Relaxed);
+        let stream = StreamHandle {
+            id: self.next_stream.fetch_add(1, Ordering::Relaxed),
+            events,
+        };
+        *worker.live.write().unwrap_or_else(|e| e.into_inner()) = Some(stream.clone());
+        info!(worker = %worker.addr, log = %log, resuming, "worker linked");
+        self.moved.notify_one();
+        loop {
+            match commands.message().await {
+                Ok(Some(WorkerCommand {
+                    command: Some(Command::Draining(_)),
+                })) => {
+                    info!(worker = %worker.addr, "worker draining, moving its sockets");
+                    worker.draining.store(true, Ordering::Relaxed);
+                    break;
+                }
+                Ok(Some(WorkerCommand {
+                    command: Some(command),
+                })) => self.on_command(worker, command),
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    info!(worker = %worker.addr, "worker ended the link");
+                    break;
+                }
+                Err(status) => {
+                    warn!(worker = %worker.addr, %status, "worker link lost");
+                    break;
+                }
+            }
+        }
+        self.unlink(worker);
+        true
+    }
+
+    /// The log of another linked worker, when it differs from `log`.
+    fn other_log(&self, worker: &WorkerLink, log: &str) -> Option<String> {
+        self.workers()
+            .iter()
+            .filter(|w| !std::ptr::eq(w.as_ref(), worker) && w.live().is_some())
+            .map(|w| w.log.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .find(|l| !l.is_empty() && l != log)
+    }
+
+    /// Re-attaches detached sockets whenever a worker is live, and closes
+    /// those that waited longer than the grace.
+    async fn mover(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = self.moved.notified() => {}
+                _ = tick.tick() => {}
+            }
+            self.flush_closes().await;
+            let waiting =
+                std::mem::take(&mut *self.detached.lock().unwrap_or_else(|e| e.into_inner()));
+            if waiting.is_empty() {
+                continue;
+            }
+            if !self.ready() {
+                self.expire(waiting);
+                continue;
+            }
+            let started = Instant::now();
+            let count = waiting.len();
+            let synced: Mutex<HashMap<u64, mpsc::Sender<GatewayEvent>>> =
+                Mutex::new(HashMap::new());
+            let left: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+            futures_util::stream::iter(waiting)
+                .for_each_concurrent(REATTACH_CONCURRENCY, |ws| {
+                    let this = &self;
+                    let synced = &synced;
+                    let left = &left;
+                    async move {
+                        let Some(socket) = this.socket(ws) else {
+                            return;
+                        };
+                        let Some(resume) = socket.begin_move() else {
+                            return;
+                        };
+                        match this.reattach(&socket, resume).await {
+                            Ok(stream) => {
+                                synced
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .insert(stream.id, stream.events);
+                            }
+                            Err(_) => {
+                                socket.set_detached();
+                                left.lock().unwrap_or_else(|e| e.into_inner()).push(ws);
+                            }
+                        }
+                    }
+                })
+                .await;
+            // Each worker may now send the online list it held back.
+            for (_, events) in synced.into_inner().unwrap_or_default() {
+                let _ = events.send(event(Event::Synced(Synced {}))).await;
+            }
+            let left = left.into_inner().unwrap_or_default();
+            info!(
+                sockets = count - left.len(),
+                waiting = left.len(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "sockets re-attached"
+            );
+            self.expire(left);
+        }
+    }
+
+    async fn reattach(
+        self: &Arc<Self>,
+        socket: &Arc<Socket>,
+        resume: Resume,
+    ) -> Result<StreamHandle, CloseReason> {
+        let open = Open {
+            ws_id: socket.ws_id,
+            since: resume.place.last_id,
+            resume: true,
+            log: resume.place.log,
+            state: resume.parked,
+            opened_ms: socket.opened_ms,
+        };
+        let stream = self
+            .open_on_a_worker(socket, open, resume.unacked, true)
+            .await?;
+        // A socket that was behind fetches again on its new stream.
+        socket.queue.wake();
+        Ok(stream)
+    }
+
+    /// Puts sockets back to wait, closing those past the re-attach grace.
+    fn expire(&self, waiting: Vec<u64>) {
+        let mut keep = Vec::with_capacity(waiting.len());
+        let mut closed = 0;
+        for ws in waiting {
+            let Some(socket) = self.socket(ws) else {
+                continue;
+            };
+            match socket.route() {
+                Route::Detached(since) if since.elapsed() >= self.reattach_grace => {
+                    socket.queue.kill(CloseReason::WorkerLost.into());
+                    closed += 1;
+                }
+                _ => keep.push(ws),
+            }
+        }
+        if closed > 0 {
+            warn!(
+                sockets = closed,
+                grace = ?self.reattach_grace,
+                "no worker within the re-attach grace, sockets closed"
+            );
+        }
+        self.detached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(keep);
+    }
+
+    /// Sends the closes of sockets that closed while detached.
+    async fn flush_closes(&self) {
+        let Some(stream) = self.pick().and_then(|w| w.live()) else {
+            return;
+        };
+        let closes = std::mem::take(
+            &mut *self
+                .pending_closes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for ws_id in closes {
+            let _ = stream
+                .events
+                .send(event(Event::Close(Close { ws_id })))
+                .await;
+        }
     }
 }
 
@@ -342,133 +850,4 @@ fn checked(texts: Vec<Bytes>) -> Option<Vec<Utf8Bytes>> {
     checked
         .inspect_err(|_| warn!("worker sent a frame that is not UTF-8"))
         .ok()
-}
-
-/// Moves one private stream's deliveries into its socket's queue.
-async fn pump_private(mut commands: tonic::Streaming<WorkerCommand>, queue: Arc<SocketQueue>) {
-    let reason = loop {
-        match commands.message().await {
-            Ok(Some(WorkerCommand {
-                command: Some(Command::Deliver(d)),
-            })) => {
-                let Some(texts) = checked(d.texts) else {
-                    continue;
-                };
-                let pushed = texts
-                    .into_iter()
-                    .map(|t| queue.push(t))
-                    .find(|p| *p != Push::Queued);
-                match pushed {
-                    None => {}
-                    Some(Push::Full) => break Kill::from(CloseReason::TooSlow),
-                    // The session ended.
-                    Some(_) => return,
-                }
-            }
-            Ok(Some(WorkerCommand {
-                command: Some(Command::Disconnect(d)),
-            })) => {
-                break Kill {
-                    code: d.code as u16,
-                    reason: d.reason,
-                };
-            }
-            Ok(Some(_)) => {}
-            // The worker cut this socket's stream: its queue there overflowed
-            // because the socket was not read fast enough.
-            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
-                break Kill::from(CloseReason::TooSlow);
-            }
-            Ok(None) | Err(_) => break Kill::from(CloseReason::WorkerLost),
-        }
-    };
-    queue.kill(reason);
-}
-
-/// Keeps one shared stream to `worker` up until `stop`.
-async fn keep_linked(worker: Arc<WorkerLink>, gateway_tag: u32, stop: CancellationToken) {
-    let mut backoff = RECONNECT_MIN;
-    loop {
-        let linked = tokio::select! {
-            _ = stop.cancelled() => break,
-            linked = run_link(&worker, gateway_tag) => linked,
-        };
-        // Nothing may join the dead registry; its sockets are told to go.
-        let retired = worker
-            .live
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .map(|live| live.registry.retire(CloseReason::WorkerLost))
-            .unwrap_or(0);
-        if linked {
-            warn!(worker = %worker.url, sockets = retired, "worker link lost");
-            backoff = RECONNECT_MIN;
-        } else {
-            debug!(worker = %worker.url, ?backoff, "worker not reachable");
-        }
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(RECONNECT_MAX);
-    }
-    if let Some(live) = worker
-        .live
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-    {
-        live.registry.retire(CloseReason::GoingAway);
-    }
-}
-
-/// Opens the stream and serves it until it ends. Returns whether it was up.
-async fn run_link(worker: &WorkerLink, gateway_tag: u32) -> bool {
-    let (events, rx) = mpsc::channel(SHARED_EVENT_QUEUE);
-    let _ = events.try_send(hello(gateway_tag, Mode::Shared));
-    let mut client = WorkerClient::new(worker.channel.clone());
-    let mut commands = match client.link(ReceiverStream::new(rx)).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => {
-            debug!(worker = %worker.url, %status, "link refused");
-            return false;
-        }
-    };
-    let registry = Arc::new(Registry::default());
-    *worker.live.write().unwrap_or_else(|e| e.into_inner()) = Some(LiveLink {
-        events,
-        registry: registry.clone(),
-    });
-    info!(worker = %worker.url, "worker linked");
-    loop {
-        match commands.message().await {
-            Ok(Some(WorkerCommand {
-                command: Some(Command::Deliver(d)),
-            })) => {
-                if let Some(texts) = checked(d.texts) {
-                    registry.deliver(&d.ws_ids, &texts);
-                }
-            }
-            Ok(Some(WorkerCommand {
-                command: Some(Command::Disconnect(d)),
-            })) => registry.kill(
-                d.ws_id,
-                Kill {
-                    code: d.code as u16,
-                    reason: d.reason,
-                },
-            ),
-            Ok(Some(_)) => {}
-            Ok(None) => return true,
-            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
-                warn!(worker = %worker.url, "worker cut the link: this gateway fell behind");
-                return true;
-            }
-            Err(status) => {
-                debug!(worker = %worker.url, %status, "link ended");
-                return true;
-            }
-        }
-    }
 }

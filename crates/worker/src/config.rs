@@ -3,16 +3,51 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Where the chat's shared state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackplaneKind {
+    /// One worker: the log in redb under `data_dir`, presence in memory.
+    Embedded,
+    /// Any number of workers sharing one Redis (`redis://HOST:PORT[/DB]`).
+    Redis(String),
+}
+
+impl std::str::FromStr for BackplaneKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "embedded" {
+            Ok(BackplaneKind::Embedded)
+        } else if s.starts_with("redis://") || s.starts_with("rediss://") {
+            Ok(BackplaneKind::Redis(s.to_owned()))
+        } else {
+            Err(format!(
+                "unknown backplane {s:?}: use embedded or redis://HOST:PORT[/DB]"
+            ))
+        }
+    }
+}
+
 /// How the worker runs. Validated by the binary before any port is bound.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where the message log lives (`chat.redb` inside it).
+    /// Where the message log lives (`chat.redb` inside it), embedded only.
     pub data_dir: PathBuf,
+    pub backplane: BackplaneKind,
+    /// Prefix of every Redis key, so several chats can share one Redis.
+    pub redis_prefix: String,
     /// How many recent messages a new socket receives after its Status frame.
     pub history: usize,
     /// Shortest gap between two user-list broadcasts; joins and leaves inside
     /// it are coalesced into one list.
     pub userlist_interval: Duration,
+    /// How long a gateway's users stay listed once no worker hears from it.
+    pub presence_lease: Duration,
+    /// The shared secret every gateway must present (`None`: anyone may link).
+    pub link_token: Option<String>,
+    /// How long a stopping worker waits for gateways to move their sockets.
+    pub drain_grace: Duration,
+    /// Approximate number of messages the Redis log keeps.
+    pub max_log_messages: u64,
 }
 
 impl Config {
@@ -20,8 +55,14 @@ impl Config {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Config {
             data_dir: data_dir.into(),
+            backplane: BackplaneKind::Embedded,
+            redis_prefix: "sharedconn:".into(),
             history: 50,
             userlist_interval: Duration::from_millis(100),
+            presence_lease: Duration::from_secs(10),
+            link_token: None,
+            drain_grace: Duration::from_secs(5),
+            max_log_messages: 1_000_000,
         }
     }
 }

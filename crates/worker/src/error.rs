@@ -13,6 +13,10 @@ pub enum Error {
     LogClosed,
     #[error("the message log is busy")]
     LogBusy,
+    #[error("the message log is unavailable")]
+    LogUnavailable,
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 macro_rules! store_error {

@@ -16,7 +16,8 @@
 //! - [`chat`]: the seed's `Chat.Server` on top of that trait; [`chat::rules`]
 //!   parses and renders frames and does no I/O.
 //! - [`backplane`]: what IRIS keeps in globals (connections, users, the
-//!   message log) behind a trait; [`backplane::embedded`] keeps the log in redb.
+//!   message log) behind a trait; [`backplane::embedded`] keeps the log in
+//!   redb for one worker, [`backplane::redis`] shares it between workers.
 //! - [`router`]: WebSocket ID → stream, and the per-stream send queues.
 //! - [`link`]: the gRPC service; protobuf stays at this edge.
 //! - [`runtime`]: the single task that drives the application.
@@ -37,7 +38,8 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
-pub use config::Config;
+use backplane::redis::RedisConfig;
+pub use config::{BackplaneKind, Config};
 pub use error::Error;
 
 /// Accepted gateway connections, without Nagle's delay: a private-mode
@@ -53,36 +55,98 @@ fn incoming(
     })
 }
 
-/// Serves the worker on `listener` until `shutdown` completes, then ends every
-/// link stream (gateways reconnect elsewhere or later) and flushes the log.
+/// Serves the worker on `listener` until `shutdown` completes, then asks
+/// every gateway to move its sockets elsewhere (up to the drain grace) and
+/// flushes the log.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let addr = listener.local_addr()?;
-    let backplane = backplane::embedded::Embedded::open(&config.data_dir, config.history)?;
-    let app = chat::Chat::new(backplane, config.history, config.userlist_interval);
-    let (runtime, inbox) = runtime::Runtime::new(app);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let runtime = tokio::spawn(runtime.run(stop_rx));
+    match &config.backplane {
+        BackplaneKind::Embedded => {
+            let backplane = backplane::embedded::Embedded::open(
+                &config.data_dir,
+                config.history,
+                config.presence_lease,
+            )?;
+            info!(data_dir = %config.data_dir.display(), "embedded backplane");
+            serve(listener, &config, backplane, shutdown).await
+        }
+        BackplaneKind::Redis(url) => {
+            let backplane = backplane::redis::RedisBackplane::connect(RedisConfig {
+                url: url.clone(),
+                prefix: config.redis_prefix.clone(),
+                lease: config.presence_lease,
+                max_log: config.max_log_messages,
+                history: config.history,
+            })
+            .await?;
+            serve(listener, &config, backplane, shutdown).await
+        }
+    }
+}
 
-    info!(%addr, data_dir = %config.data_dir.display(), "worker listening");
-    let service = link::service(inbox);
+async fn serve<B: backplane::Backplane>(
+    listener: TcpListener,
+    config: &Config,
+    backplane: B,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let addr = listener.local_addr()?;
+    let app = chat::Chat::new(backplane, config.history, config.userlist_interval);
+    let (runtime, inbox, health) = runtime::Runtime::new(app);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (runtime_done_tx, runtime_done) = tokio::sync::oneshot::channel::<()>();
+    let grace = config.drain_grace;
+    let runtime = tokio::spawn(async move {
+        runtime.run(stop_rx, grace).await;
+        let _ = runtime_done_tx.send(());
+    });
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(report_health(reporter, health));
+
+    info!(%addr, "worker listening");
+    let service = link::service(inbox, config.link_token.clone());
     let result = tonic::transport::Server::builder()
         // Private mode opens one stream per browser socket on one connection.
         .max_concurrent_streams(Some(link::MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming(listener), async move {
             shutdown.await;
             info!("worker draining");
-            // Ending the runtime drops every response stream, which lets the
-            // server's graceful shutdown finish.
+            // The runtime asks every gateway to move its sockets, waits for
+            // the streams to end (or the grace period), and stops; dropping
+            // its response streams lets the server's graceful shutdown end.
             let _ = stop_tx.send(());
+            let _ = runtime_done.await;
         })
         .await;
-    runtime.await.ok();
+    let _ = runtime.await;
     info!("worker stopped");
     result.map_err(Error::Transport)
+}
+
+/// Keeps the gRPC health service in step with the backplane.
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    mut health: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let status = if *health.borrow_and_update() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        reporter.set_service_status("", status).await;
+        reporter
+            .set_service_status("sharedconn.v1.Worker", status)
+            .await;
+        if health.changed().await.is_err() {
+            return;
+        }
+    }
 }

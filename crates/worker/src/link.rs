@@ -1,16 +1,17 @@
 //! The gRPC edge: turns `Link` streams into runtime [`Input`]s.
 //!
 //! Protobuf types stop here. Each stream gets a [`StreamId`]; its first event
-//! must be `Hello`, after which every event is forwarded in order. When the
-//! stream ends, for whatever reason, the runtime hears `StreamDown` and closes
-//! every socket that was still open on it.
+//! must be `Hello` (with the cluster's link token, when one is set), after
+//! which every event is forwarded in order. When the stream ends, for
+//! whatever reason, the runtime hears `StreamDown`: the sockets that were
+//! open on it are detached, not closed, since their gateway may re-attach
+//! them here or to another worker.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use sharedconn_proto::gateway_event::Event;
-use sharedconn_proto::worker_command::Command;
 use sharedconn_proto::worker_server::{Worker, WorkerServer};
 use sharedconn_proto::{GatewayEvent, Mode, WorkerCommand};
 use std::future::Future;
@@ -19,9 +20,10 @@ use std::task::{Context, Poll};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use crate::router::StreamId;
+use crate::app::OpenInfo;
+use crate::router::{Peer, StreamId, command_weight};
 use crate::runtime::Input;
 
 /// Commands queued towards one stream. A shared stream carries every socket
@@ -36,10 +38,13 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 1 << 20;
 /// the gateway, plus framing.
 const MAX_MESSAGE: usize = 1 << 20;
 
-pub fn service(inbox: mpsc::Sender<Input>) -> WorkerServer<LinkService> {
+/// The gRPC service; `token` is the shared secret every `Hello` must carry
+/// (none: any gateway may link, for a worker on loopback or a private network).
+pub fn service(inbox: mpsc::Sender<Input>, token: Option<String>) -> WorkerServer<LinkService> {
     WorkerServer::new(LinkService {
         inbox,
         next_stream: Arc::new(AtomicU64::new(1)),
+        token,
     })
     .max_decoding_message_size(MAX_MESSAGE)
 }
@@ -47,6 +52,7 @@ pub fn service(inbox: mpsc::Sender<Input>) -> WorkerServer<LinkService> {
 pub struct LinkService {
     inbox: mpsc::Sender<Input>,
     next_stream: Arc<AtomicU64>,
+    token: Option<String>,
 }
 
 type CommandStream =
@@ -67,6 +73,19 @@ impl Worker for LinkService {
             }) => hello,
             _ => return Err(Status::invalid_argument("the first event must be Hello")),
         };
+        if let Some(token) = &self.token
+            && !constant_time_eq(token.as_bytes(), hello.token.as_bytes())
+        {
+            warn!(
+                gateway_tag = format!("{:08x}", hello.gateway_tag),
+                "link refused: wrong link token"
+            );
+            return Err(Status::unauthenticated("wrong link token"));
+        }
+        let peer = Peer {
+            tag: hello.gateway_tag,
+            boot: hello.boot_id,
+        };
         let mode = Mode::try_from(hello.mode).unwrap_or(Mode::Unspecified);
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let capacity = match mode {
@@ -80,6 +99,8 @@ impl Worker for LinkService {
             .inbox
             .send(Input::StreamUp {
                 stream,
+                peer,
+                resuming: hello.resuming,
                 tx,
                 backlog: backlog.clone(),
                 cut,
@@ -93,16 +114,13 @@ impl Worker for LinkService {
             info!(
                 stream,
                 gateway_tag = format!("{:08x}", hello.gateway_tag),
+                boot_id = format!("{:016x}", hello.boot_id),
                 ?mode,
+                resuming = hello.resuming,
                 "gateway linked"
             );
         }
-        tokio::spawn(forward(
-            stream,
-            hello.gateway_tag,
-            events,
-            self.inbox.clone(),
-        ));
+        tokio::spawn(forward(stream, peer, events, self.inbox.clone()));
         Ok(Response::new(Box::pin(Commands {
             queue: ReceiverStream::new(rx),
             backlog,
@@ -140,10 +158,7 @@ impl tokio_stream::Stream for Commands {
         }
         let next = Pin::new(&mut self.queue).poll_next(cx);
         if let Poll::Ready(Some(command)) = &next {
-            let ids = match &command.command {
-                Some(Command::Deliver(d)) => d.ws_ids.len(),
-                _ => 1,
-            };
+            let ids = command.command.as_ref().map_or(1, command_weight);
             self.backlog.fetch_sub(ids, Ordering::Relaxed);
         }
         next.map(|c| c.map(Ok))
@@ -153,7 +168,7 @@ impl tokio_stream::Stream for Commands {
 /// Forwards one stream's events to the runtime, then reports it down.
 async fn forward(
     stream: StreamId,
-    gateway_tag: u32,
+    peer: Peer,
     mut events: Streaming<GatewayEvent>,
     inbox: mpsc::Sender<Input>,
 ) {
@@ -161,19 +176,35 @@ async fn forward(
         let input = match events.message().await {
             Ok(Some(GatewayEvent { event: Some(event) })) => match event {
                 // A gateway opens only IDs it issued (high half: its tag).
-                Event::Open(o) if (o.ws_id >> 32) as u32 != gateway_tag => Input::Refuse {
+                Event::Open(o) if (o.ws_id >> 32) as u32 != peer.tag => Input::Refuse {
                     stream,
                     ws: o.ws_id,
                 },
                 Event::Open(o) => Input::Open {
                     stream,
                     ws: o.ws_id,
-                    since: o.since,
+                    open: OpenInfo {
+                        since: o.since,
+                        resume: o.resume,
+                        log: o.log,
+                        state: o.state,
+                        opened_ms: o.opened_ms,
+                        boot: peer.boot,
+                    },
                 },
                 Event::Frame(f) => Input::Frame {
                     stream,
                     ws: f.ws_id,
+                    seq: f.seq,
                     text: f.text,
+                },
+                Event::Synced(_) => Input::Synced { stream },
+                Event::Fetch(f) => Input::Fetch {
+                    stream,
+                    ws: f.ws_id,
+                    after: f.after,
+                    max_messages: f.max_messages as usize,
+                    max_bytes: f.max_bytes as usize,
                 },
                 Event::Close(c) => Input::Close {
                     stream,
@@ -193,4 +224,9 @@ async fn forward(
         }
     }
     let _ = inbox.send(Input::StreamDown { stream }).await;
+}
+
+/// Compares secrets in time that does not depend on where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use sharedconn_worker::BackplaneKind;
 
 /// Runs the chat application for the sockets that gateways hold.
 #[derive(Parser, Debug)]
@@ -27,6 +28,25 @@ struct Cli {
     /// Shortest gap between online-list broadcasts, in milliseconds.
     #[arg(long, env = "SHAREDCONN_USERLIST_INTERVAL_MS", default_value_t = 100)]
     userlist_interval_ms: u64,
+    /// Where the chat's state lives: `embedded` (one worker, the log under
+    /// --data-dir) or `redis://HOST:PORT[/DB]` (any number of workers).
+    #[arg(long, env = "SHAREDCONN_BACKPLANE", default_value = "embedded")]
+    backplane: BackplaneKind,
+    /// Prefix of every Redis key (several chats can share one Redis).
+    #[arg(long, env = "SHAREDCONN_REDIS_PREFIX", default_value = "sharedconn:")]
+    redis_prefix: String,
+    /// Approximate number of messages the Redis log keeps.
+    #[arg(long, env = "SHAREDCONN_MAX_LOG_MESSAGES", default_value_t = 1_000_000)]
+    max_log_messages: u64,
+    /// Seconds a dead gateway's users stay in the online list.
+    #[arg(long, env = "SHAREDCONN_PRESENCE_LEASE_SECS", default_value_t = 10)]
+    presence_lease_secs: u64,
+    /// Shared secret every gateway must present (unset: any gateway may link).
+    #[arg(long, env = "SHAREDCONN_LINK_TOKEN", hide_env_values = true)]
+    link_token: Option<String>,
+    /// Seconds a stopping worker waits for gateways to move their sockets.
+    #[arg(long, env = "SHAREDCONN_DRAIN_GRACE_SECS", default_value_t = 5)]
+    drain_grace_secs: u64,
 }
 
 #[tokio::main]
@@ -38,6 +58,12 @@ async fn main() -> anyhow::Result<()> {
     let mut config = sharedconn_worker::Config::new(cli.data_dir);
     config.history = cli.history;
     config.userlist_interval = Duration::from_millis(cli.userlist_interval_ms);
+    config.backplane = cli.backplane;
+    config.redis_prefix = cli.redis_prefix;
+    config.max_log_messages = cli.max_log_messages;
+    config.presence_lease = Duration::from_secs(cli.presence_lease_secs.max(1));
+    config.link_token = cli.link_token.filter(|t| !t.is_empty());
+    config.drain_grace = Duration::from_secs(cli.drain_grace_secs);
     let listener = sharedconn_common::listen(cli.listen)
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
     sharedconn_worker::run(listener, config, sharedconn_common::shutdown_signal())

@@ -9,15 +9,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use sharedconn_proto::{Deliver, Disconnect, WorkerCommand, worker_command::Command};
+use sharedconn_proto::{
+    Ack, Deliver, Disconnect, Draining, Park, Welcome, WorkerCommand, worker_command::Command,
+};
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
-use crate::app::WsId;
+use crate::app::{Frames, WsId};
 
 /// Most WebSocket IDs queued towards one stream (8 bytes each: 32 MiB).
 /// About 400 broadcasts to 10,000 sockets behind one gateway, or seconds of
-/// a busy chat; a gateway that far behind is cut.
+/// a busy chat; a gateway that far behind is cut, and re-attaches its
+/// sockets (they stay open and replay what they missed).
 pub const MAX_QUEUED_IDS: usize = 4 << 20;
 
 /// Identifies one link stream for the life of the worker process.
@@ -27,8 +30,16 @@ pub type StreamId = u64;
 /// `Result`s: a `Status` would make every queue slot several times bigger.
 pub type StreamTx = mpsc::Sender<WorkerCommand>;
 
+/// Who is at the other end of a stream.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub tag: u32,
+    pub boot: u64,
+}
+
 struct Stream {
     tx: StreamTx,
+    peer: Peer,
     /// WebSocket IDs in commands queued for this stream and not yet taken
     /// by its response (see [`MAX_QUEUED_IDS`]).
     backlog: Arc<AtomicUsize>,
@@ -40,6 +51,8 @@ struct Stream {
     /// Set when the queue overflowed and the stream was cut; the stream's
     /// sockets are released when its reader reports it down.
     cut: bool,
+    /// Acknowledgements gathered during one runtime turn, sent as one command.
+    acks: Ack,
 }
 
 /// WebSocket ID → stream, plus every stream's members.
@@ -48,12 +61,15 @@ pub struct Router {
     streams: HashMap<StreamId, Stream>,
     /// For each open socket: its stream and its index in that stream's members.
     sockets: HashMap<WsId, (StreamId, usize)>,
+    /// Streams with acknowledgements waiting for [`Router::flush_acks`].
+    acking: Vec<StreamId>,
 }
 
 impl Router {
     pub fn add_stream(
         &mut self,
         id: StreamId,
+        peer: Peer,
         tx: StreamTx,
         backlog: Arc<AtomicUsize>,
         cut_tx: oneshot::Sender<()>,
@@ -62,10 +78,12 @@ impl Router {
             id,
             Stream {
                 tx,
+                peer,
                 backlog,
                 cut_tx: Some(cut_tx),
                 members: Vec::new(),
                 cut: false,
+                acks: Ack::default(),
             },
         );
     }
@@ -81,11 +99,30 @@ impl Router {
         stream.members
     }
 
-    /// Registers an open socket. Returns false when the stream is unknown (it
-    /// went down while the open was queued) or the ID is already taken.
+    /// Who is at the other end of `stream`.
+    pub fn peer(&self, stream: StreamId) -> Option<Peer> {
+        self.streams.get(&stream).map(|s| s.peer)
+    }
+
+    /// Whether another stream from the same run of a gateway is up.
+    pub fn boot_linked(&self, boot: u64) -> bool {
+        self.streams.values().any(|s| s.peer.boot == boot)
+    }
+
+    /// Registers an open socket. A socket open on another stream of the same
+    /// gateway run moves here (the gateway re-attached it before this worker
+    /// saw the old stream end). Returns false when the stream is unknown (it
+    /// went down while the open was queued) or another gateway holds the ID.
     pub fn add_socket(&mut self, ws: WsId, stream: StreamId) -> bool {
-        if self.sockets.contains_key(&ws) {
+        let Some(boot) = self.streams.get(&stream).map(|s| s.peer.boot) else {
             return false;
+        };
+        if let Some(&(old, _)) = self.sockets.get(&ws) {
+            let same_gateway = self.streams.get(&old).is_some_and(|s| s.peer.boot == boot);
+            if !same_gateway {
+                return false;
+            }
+            self.remove_socket(ws);
         }
         let Some(s) = self.streams.get_mut(&stream) else {
             return false;
@@ -122,14 +159,18 @@ impl Router {
         self.sockets.len()
     }
 
-    /// Writes `texts`, in order, to one socket, as one command.
-    pub fn write_frames(&mut self, ws: WsId, texts: Vec<Bytes>) {
+    /// Writes `frames`, in order, to one socket, as one command.
+    pub fn write_frames(&mut self, ws: WsId, frames: Frames) {
         if let Some(&(stream, _)) = self.sockets.get(&ws) {
             self.push(
                 stream,
                 Command::Deliver(Deliver {
                     ws_ids: vec![ws],
-                    texts,
+                    texts: frames.texts,
+                    ids: frames.ids,
+                    log: frames.log,
+                    fetched: frames.fetched,
+                    complete: frames.complete,
                 }),
             );
         }
@@ -138,7 +179,9 @@ impl Router {
     pub fn write(&mut self, ids: &[WsId], text: Bytes) {
         if let [ws] = ids {
             // The common single-recipient case needs no grouping.
-            self.write_frames(*ws, vec![text]);
+            let mut frames = Frames::default();
+            frames.push(text, 0);
+            self.write_frames(*ws, frames);
             return;
         }
         let mut by_stream: HashMap<StreamId, Vec<WsId>> = HashMap::new();
@@ -148,11 +191,12 @@ impl Router {
             }
         }
         for (stream, ids) in by_stream {
-            self.send(stream, ids, text.clone());
+            self.send(stream, ids, text.clone(), 0);
         }
     }
 
-    pub fn broadcast(&mut self, text: Bytes) {
+    /// Writes to every open socket; `id` is the message id `text` carries.
+    pub fn broadcast(&mut self, text: Bytes, id: u64) {
         let targets: Vec<(StreamId, Vec<WsId>)> = self
             .streams
             .iter()
@@ -160,7 +204,7 @@ impl Router {
             .map(|(id, s)| (*id, s.members.clone()))
             .collect();
         for (stream, ids) in targets {
-            self.send(stream, ids, text.clone());
+            self.send(stream, ids, text.clone(), id);
         }
     }
 
@@ -181,17 +225,73 @@ impl Router {
         self.push(stream, command);
     }
 
-    fn send(&mut self, stream: StreamId, ws_ids: Vec<WsId>, text: Bytes) {
-        let texts = vec![text];
-        self.push(stream, Command::Deliver(Deliver { ws_ids, texts }));
+    /// Acknowledges frame `seq` of `ws` (sent with the turn's other acks).
+    pub fn ack(&mut self, ws: WsId, seq: u64) {
+        if let Some(&(stream, _)) = self.sockets.get(&ws) {
+            self.ack_on(stream, ws, seq);
+        }
+    }
+
+    /// Acknowledges on `stream` whether or not `ws` is open there (a frame
+    /// the worker ignored).
+    pub fn ack_on(&mut self, stream: StreamId, ws: WsId, seq: u64) {
+        if let Some(s) = self.streams.get_mut(&stream) {
+            if s.acks.ws_ids.is_empty() {
+                self.acking.push(stream);
+            }
+            s.acks.ws_ids.push(ws);
+            s.acks.seqs.push(seq);
+        }
+    }
+
+    /// Sends the acknowledgements gathered since the last call.
+    pub fn flush_acks(&mut self) {
+        for stream in std::mem::take(&mut self.acking) {
+            let Some(s) = self.streams.get_mut(&stream) else {
+                continue;
+            };
+            let acks = std::mem::take(&mut s.acks);
+            if !acks.ws_ids.is_empty() {
+                self.push(stream, Command::Ack(acks));
+            }
+        }
+    }
+
+    pub fn park(&mut self, ws: WsId, state: Bytes) {
+        if let Some(&(stream, _)) = self.sockets.get(&ws) {
+            self.push(stream, Command::Park(Park { ws_id: ws, state }));
+        }
+    }
+
+    pub fn welcome(&mut self, stream: StreamId, log: &str) {
+        let log = log.to_owned();
+        self.push(stream, Command::Welcome(Welcome { log }));
+    }
+
+    /// Tells every gateway to move its sockets elsewhere.
+    pub fn drain(&mut self) {
+        let streams: Vec<StreamId> = self.streams.keys().copied().collect();
+        for stream in streams {
+            self.push(stream, Command::Draining(Draining {}));
+        }
+    }
+
+    fn send(&mut self, stream: StreamId, ws_ids: Vec<WsId>, text: Bytes, id: u64) {
+        let deliver = Deliver {
+            ws_ids,
+            texts: vec![text],
+            ids: vec![id],
+            ..Deliver::default()
+        };
+        self.push(stream, Command::Deliver(deliver));
     }
 
     /// Never waits. A full queue means the gateway (shared mode) or the socket
     /// (private mode) is not keeping up; waiting would stall every other
     /// socket, and dropping one message would break the total order, so the
-    /// stream is cut instead: it ends with `RESOURCE_EXHAUSTED`, its gateway
-    /// closes the affected sockets (1008 in private mode, 1012 in shared),
-    /// and their clients reconnect and replay from the log.
+    /// stream is cut instead: it ends with `RESOURCE_EXHAUSTED`, and its
+    /// gateway re-attaches the affected sockets, which replay what they
+    /// missed from the log. No socket closes.
     fn push(&mut self, stream: StreamId, command: Command) {
         let Some(s) = self.streams.get_mut(&stream) else {
             return;
@@ -199,10 +299,7 @@ impl Router {
         if s.cut {
             return;
         }
-        let ids = match &command {
-            Command::Deliver(d) => d.ws_ids.len(),
-            Command::Disconnect(_) => 1,
-        };
+        let ids = command_weight(&command);
         // The queue's length bounds commands; this bounds what they hold: a
         // broadcast to 10,000 sockets carries 10,000 IDs.
         let over_budget = s.backlog.load(Ordering::Relaxed) + ids > MAX_QUEUED_IDS;
@@ -235,9 +332,20 @@ impl Router {
     }
 }
 
+/// What a command counts against a stream's budget: the IDs it carries.
+pub fn command_weight(command: &Command) -> usize {
+    match command {
+        Command::Deliver(d) => d.ws_ids.len(),
+        Command::Ack(a) => a.ws_ids.len(),
+        _ => 1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const PEER: Peer = Peer { tag: 1, boot: 9 };
 
     #[test]
     fn a_stream_over_its_id_budget_is_cut() {
@@ -245,17 +353,36 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let (cut_tx, mut cut_rx) = oneshot::channel();
         let backlog = Arc::new(AtomicUsize::new(0));
-        router.add_stream(1, tx, backlog.clone(), cut_tx);
+        router.add_stream(1, PEER, tx, backlog.clone(), cut_tx);
         assert!(router.add_socket(7, 1));
         assert!(router.add_socket(8, 1));
-        router.broadcast(Bytes::from_static(b"hi"));
+        router.broadcast(Bytes::from_static(b"hi"), 0);
         assert_eq!(backlog.load(Ordering::Relaxed), 2);
         assert!(rx.try_recv().is_ok());
         assert!(cut_rx.try_recv().is_err(), "not cut yet");
         // The response fell this far behind: the next broadcast cuts it.
         backlog.store(MAX_QUEUED_IDS - 1, Ordering::Relaxed);
-        router.broadcast(Bytes::from_static(b"again"));
+        router.broadcast(Bytes::from_static(b"again"), 0);
         assert!(cut_rx.try_recv().is_ok(), "cut");
         assert!(rx.try_recv().is_err(), "nothing queued past the budget");
+    }
+
+    #[test]
+    fn a_socket_moves_between_streams_of_one_gateway_only() {
+        let mut router = Router::default();
+        let stream = |router: &mut Router, id, peer| {
+            let (tx, rx) = mpsc::channel(16);
+            router.add_stream(id, peer, tx, Default::default(), oneshot::channel().0);
+            rx
+        };
+        let _a = stream(&mut router, 1, PEER);
+        let _b = stream(&mut router, 2, PEER);
+        let _c = stream(&mut router, 3, Peer { tag: 1, boot: 10 });
+        assert!(router.add_socket(7, 1));
+        assert!(router.add_socket(7, 2), "re-attached by the same gateway");
+        assert_eq!(router.stream_of(7), Some(2));
+        assert!(!router.add_socket(7, 3), "another gateway run");
+        assert_eq!(router.remove_stream(1), Vec::<WsId>::new());
+        assert_eq!(router.remove_stream(2), vec![7]);
     }
 }

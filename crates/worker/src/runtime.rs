@@ -3,16 +3,24 @@
 //! Stream handlers queue [`Input`]s; the runtime applies them in arrival
 //! order, interleaved with the application's own events, and owns the
 //! [`Router`]. This single consumer is what gives the chat one total order.
+//!
+//! A stream that ends detaches its sockets instead of closing them: their
+//! gateway keeps them open and re-attaches them (here or to another worker).
+//! On shutdown the runtime asks every gateway to move its sockets elsewhere
+//! (`Draining`) and waits, up to a grace period, for the streams to end.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::app::{Outbox, WebSocketApp, WsId};
-use crate::router::{Router, StreamId, StreamTx};
+use crate::app::{Handled, OpenInfo, Outbox, WebSocketApp, WsId};
+use crate::router::{Peer, Router, StreamId, StreamTx};
 
 /// Events queued for the runtime. Capacity bounds the memory a burst of
 /// frames can take; when full, stream readers wait, which pushes back through
@@ -21,13 +29,20 @@ pub const INBOX_CAPACITY: usize = 4096;
 /// Close code for a refused open: 1013, try again later.
 const REFUSED_CODE: u16 = 1013;
 /// How often the worker logs what it holds.
-const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+const STATUS_EVERY: Duration = Duration::from_secs(60);
+/// Longest a re-attaching gateway may hold back online lists: its sockets
+/// are re-attached in well under this, and a gateway that never says
+/// `Synced` must not freeze the list.
+const HOLD_LISTS_MAX: Duration = Duration::from_secs(5);
 
 /// One thing that happened on a link stream.
 #[derive(Debug)]
 pub enum Input {
     StreamUp {
         stream: StreamId,
+        peer: Peer,
+        /// The gateway will re-attach sockets and then send `Synced`.
+        resuming: bool,
         tx: StreamTx,
         backlog: Arc<AtomicUsize>,
         cut: oneshot::Sender<()>,
@@ -38,7 +53,7 @@ pub enum Input {
     Open {
         stream: StreamId,
         ws: WsId,
-        since: u64,
+        open: OpenInfo,
     },
     /// An open the stream's gateway had no right to send (a foreign ID).
     Refuse {
@@ -48,11 +63,22 @@ pub enum Input {
     Frame {
         stream: StreamId,
         ws: WsId,
+        seq: u64,
         text: Bytes,
     },
     Close {
         stream: StreamId,
         ws: WsId,
+    },
+    Synced {
+        stream: StreamId,
+    },
+    Fetch {
+        stream: StreamId,
+        ws: WsId,
+        after: u64,
+        max_messages: usize,
+        max_bytes: usize,
     },
 }
 
@@ -60,26 +86,41 @@ pub struct Runtime<A> {
     app: A,
     router: Router,
     inbox: mpsc::Receiver<Input>,
+    /// Streams whose gateway is still re-attaching, and since when.
+    resuming: HashMap<StreamId, Instant>,
+    /// The application's health, for the health service.
+    health: watch::Sender<bool>,
 }
 
 impl<A: WebSocketApp> Runtime<A> {
-    pub fn new(app: A) -> (Self, mpsc::Sender<Input>) {
+    pub fn new(app: A) -> (Self, mpsc::Sender<Input>, watch::Receiver<bool>) {
         let (tx, inbox) = mpsc::channel(INBOX_CAPACITY);
+        let (health, health_rx) = watch::channel(app.healthy());
         let runtime = Runtime {
             app,
             router: Router::default(),
             inbox,
+            resuming: HashMap::new(),
+            health,
         };
-        (runtime, tx)
+        (runtime, tx, health_rx)
     }
 
-    /// Runs until `stop` fires or every stream handler is gone. Dropping the
-    /// router on return ends every response stream.
-    pub async fn run(mut self, mut stop: oneshot::Receiver<()>) {
-        let mut status =
-            tokio::time::interval_at(tokio::time::Instant::now() + STATUS_EVERY, STATUS_EVERY);
+    /// Runs until `stop` fires (then drains, up to `grace`) or every stream
+    /// handler is gone. Dropping the router on return ends every response
+    /// stream.
+    pub async fn run(mut self, mut stop: oneshot::Receiver<()>, grace: Duration) {
+        let mut status = tokio::time::interval_at(Instant::now() + STATUS_EVERY, STATUS_EVERY);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut draining_until: Option<Instant> = None;
         loop {
+            if let Some(until) = draining_until
+                && (self.router.stream_count() == 0 || Instant::now() >= until)
+            {
+                break;
+            }
             // Unbiased: a steady stream of socket events (a join storm, many
             // senders) must not starve the application's own events, which
             // carry the broadcasts every client is waiting for.
@@ -91,15 +132,38 @@ impl<A: WebSocketApp> Runtime<A> {
                 event = self.app.next_event() => {
                     self.app.on_event(event, &mut Outbox::new(&mut self.router)).await;
                 }
+                _ = tick.tick() => self.housekeeping(),
                 _ = status.tick() => info!(
                     sockets = self.router.socket_count(),
                     streams = self.router.stream_count(),
                     "worker status"
                 ),
-                _ = &mut stop => break,
+                _ = &mut stop, if draining_until.is_none() => {
+                    info!(
+                        streams = self.router.stream_count(),
+                        sockets = self.router.socket_count(),
+                        "asking gateways to move their sockets"
+                    );
+                    self.router.drain();
+                    draining_until = Some(Instant::now() + grace);
+                }
             }
+            self.router.flush_acks();
         }
         info!(sockets = self.router.socket_count(), "runtime stopped");
+    }
+
+    fn housekeeping(&mut self) {
+        let healthy = self.app.healthy();
+        self.health
+            .send_if_modified(|h| std::mem::replace(h, healthy) != healthy);
+        let before = self.resuming.len();
+        self.resuming
+            .retain(|_, since| since.elapsed() < HOLD_LISTS_MAX);
+        if before != self.resuming.len() {
+            warn!("a gateway did not finish re-attaching in time; sending lists again");
+            self.app.hold_lists(!self.resuming.is_empty());
+        }
     }
 
     /// Answers an open we cannot take (its ID is in use, or not its
@@ -122,49 +186,109 @@ impl<A: WebSocketApp> Runtime<A> {
         match input {
             Input::StreamUp {
                 stream,
+                peer,
+                resuming,
                 tx,
                 backlog,
                 cut,
-            } => self.router.add_stream(stream, tx, backlog, cut),
-            Input::StreamDown { stream } => {
-                let orphans = self.router.remove_stream(stream);
-                debug!(stream, sockets = orphans.len(), "stream down");
-                for ws in orphans {
-                    self.app
-                        .on_close(ws, &mut Outbox::new(&mut self.router))
-                        .await;
+            } => {
+                self.router.add_stream(stream, peer, tx, backlog, cut);
+                self.router.welcome(stream, self.app.log_id());
+                self.app.gateway_up(peer.boot, peer.tag);
+                if resuming {
+                    self.resuming.insert(stream, Instant::now());
+                    self.app.hold_lists(true);
                 }
             }
-            Input::Open { stream, ws, since } => {
+            Input::StreamDown { stream } => {
+                let peer = self.router.peer(stream);
+                let detached = self.router.remove_stream(stream);
+                debug!(stream, sockets = detached.len(), "stream down");
+                for ws in detached {
+                    self.app.on_detach(ws);
+                }
+                if let Some(peer) = peer
+                    && !self.router.boot_linked(peer.boot)
+                {
+                    self.app.gateway_down(peer.boot);
+                }
+                self.synced(stream);
+            }
+            Input::Open { stream, ws, open } => {
                 if self.router.add_socket(ws, stream) {
                     self.app
-                        .on_open(ws, since, &mut Outbox::new(&mut self.router))
+                        .on_open(ws, open, &mut Outbox::new(&mut self.router))
                         .await;
                 } else {
                     self.refuse(stream, ws);
                 }
             }
             Input::Refuse { stream, ws } => self.refuse(stream, ws),
-            Input::Frame { stream, ws, text } => {
-                // A stream speaks only for its own sockets.
+            Input::Frame {
+                stream,
+                ws,
+                seq,
+                text,
+            } => {
+                // A stream speaks only for its own sockets. A frame for a
+                // socket not open here is not acknowledged: its gateway
+                // sends it again once the socket is attached.
                 if self.router.stream_of(ws) != Some(stream) {
                     return;
                 }
                 // The gateway forwards text frames only, checked as UTF-8.
-                let Ok(text) = std::str::from_utf8(&text) else {
-                    return;
+                let handled = match std::str::from_utf8(&text) {
+                    Ok(text) => {
+                        self.app
+                            .on_frame(ws, seq, text, &mut Outbox::new(&mut self.router))
+                            .await
+                    }
+                    Err(_) => Handled::Now,
                 };
-                self.app
-                    .on_frame(ws, text, &mut Outbox::new(&mut self.router))
-                    .await;
-            }
-            Input::Close { stream, ws } => {
-                if self.router.stream_of(ws) == Some(stream) && self.router.remove_socket(ws) {
-                    self.app
-                        .on_close(ws, &mut Outbox::new(&mut self.router))
-                        .await;
+                if handled == Handled::Now {
+                    self.router.ack_on(stream, ws, seq);
                 }
             }
+            Input::Close { stream, ws } => {
+                let Some(peer) = self.router.peer(stream) else {
+                    return;
+                };
+                match self.router.stream_of(ws) {
+                    Some(s) if s == stream => {
+                        self.router.remove_socket(ws);
+                    }
+                    // Open on another stream: that stream speaks for it.
+                    Some(_) => return,
+                    // Closed while it had no worker: forget it all the same.
+                    None if (ws >> 32) as u32 != peer.tag => return,
+                    None => {}
+                }
+                self.app
+                    .on_close(ws, peer.boot, &mut Outbox::new(&mut self.router));
+            }
+            Input::Synced { stream } => self.synced(stream),
+            Input::Fetch {
+                stream,
+                ws,
+                after,
+                max_messages,
+                max_bytes,
+            } => {
+                if self.router.stream_of(ws) == Some(stream) {
+                    let budget = crate::app::Budget {
+                        messages: max_messages,
+                        bytes: max_bytes,
+                    };
+                    self.app
+                        .on_fetch(ws, after, budget, &mut Outbox::new(&mut self.router));
+                }
+            }
+        }
+    }
+
+    fn synced(&mut self, stream: StreamId) {
+        if self.resuming.remove(&stream).is_some() {
+            self.app.hold_lists(!self.resuming.is_empty());
         }
     }
 }

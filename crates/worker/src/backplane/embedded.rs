@@ -3,19 +3,27 @@
 //! Posts go to a writer thread over a bounded queue. The thread takes
 //! whatever is queued (up to [`MAX_BATCH`]), assigns ids, writes the batch in
 //! one transaction and fsyncs once (group commit), then reports the batch as
-//! `Committed`. Recent messages are cached in memory so a burst of opens does
-//! not read the disk.
+//! `Committed`. A post whose idempotency key is already in the log (sent
+//! again after a worker restart) is acknowledged, not stored twice. Recent
+//! messages are cached in memory so a burst of opens does not read the disk.
+//!
+//! Presence lives in this process only: a worker restart forgets it, and the
+//! gateways rebuild it by re-attaching their sockets with their aliases.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::mpsc;
 use tracing::{error, info};
 
-use super::{Backplane, Event, NewMessage, StoredMessage};
+use super::presence::PresenceTable;
+use super::{Backplane, Event, NewMessage, Presence, StoredMessage};
 use crate::app::WsId;
 use crate::chat::rules;
 use crate::error::Error;
@@ -34,6 +42,9 @@ const EVENT_QUEUE: usize = 256;
 const MAX_BATCH: usize = 1024;
 /// Fewest recent messages kept in memory.
 const MIN_CACHE: usize = 1024;
+/// Idempotency keys remembered by the writer: far more posts than can be in
+/// flight when a worker dies (each socket has a few unacknowledged at most).
+const KEY_MEMORY: usize = 64 * 1024;
 
 pub struct Embedded {
     db: Arc<Database>,
@@ -45,13 +56,18 @@ pub struct Embedded {
     cache_size: usize,
     last_id: u64,
     log_id: String,
-    /// Alias per socket; `BTreeMap` so the list comes out oldest socket first.
-    users: BTreeMap<WsId, String>,
+    users: PresenceTable,
+    /// Gateway runs and when their users leave (`None`: a stream is up).
+    leases: HashMap<u64, Option<Instant>>,
+    /// The latest run of each gateway tag.
+    tags: HashMap<u32, u64>,
+    lease: Duration,
 }
 
 impl Embedded {
     /// Opens (or creates) `data_dir/chat.redb`.
-    pub fn open(data_dir: &Path, history: usize) -> Result<Self, Error> {
+    /// Users of a gateway with no stream left leave after `lease`.
+    pub fn open(data_dir: &Path, history: usize, lease: Duration) -> Result<Self, Error> {
         std::fs::create_dir_all(data_dir)?;
         let path = data_dir.join("chat.redb");
         let db = Arc::new(Database::create(&path)?);
@@ -79,9 +95,14 @@ impl Embedded {
         let (posts, queue) = mpsc::channel(POST_QUEUE);
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let writer_db = db.clone();
+        let keys = cache
+            .iter()
+            .filter(|m| !m.key.is_empty())
+            .map(|m| (m.key.clone(), m.id))
+            .collect();
         let writer = std::thread::Builder::new()
             .name("message-log".into())
-            .spawn(move || write_loop(writer_db, last_id, queue, events_tx))?;
+            .spawn(move || write_loop(writer_db, last_id, keys, queue, events_tx))?;
         Ok(Embedded {
             db,
             posts: Some(posts),
@@ -91,7 +112,10 @@ impl Embedded {
             cache_size,
             last_id,
             log_id,
-            users: BTreeMap::new(),
+            users: PresenceTable::default(),
+            leases: HashMap::new(),
+            tags: HashMap::new(),
+            lease,
         })
     }
 }
@@ -108,26 +132,56 @@ impl Drop for Embedded {
     }
 }
 
+impl Embedded {
+    /// The gateway run whose lease runs out first, and when.
+    fn next_expiry(&self) -> Option<(u64, Instant)> {
+        self.leases
+            .iter()
+            .filter_map(|(boot, at)| at.map(|at| (*boot, at)))
+            .min_by_key(|(_, at)| *at)
+    }
+}
+
 impl Backplane for Embedded {
-    async fn connect(&mut self, _ws: WsId) -> Result<(), Error> {
-        Ok(())
+    fn gateway_up(&mut self, boot: u64, tag: u32) {
+        self.leases.insert(boot, None);
+        if let Some(old) = self.tags.insert(tag, boot)
+            && old != boot
+        {
+            // The same gateway restarted: its old run's users are gone.
+            self.leases.remove(&old);
+            if self.users.remove_boot(old) {
+                info!(
+                    boot_id = format!("{old:016x}"),
+                    "gateway restarted, its users left"
+                );
+            }
+        }
     }
 
-    async fn disconnect(&mut self, ws: WsId) -> Result<(), Error> {
-        self.users.remove(&ws);
-        Ok(())
+    fn gateway_down(&mut self, boot: u64) {
+        if let Some(lease) = self.leases.get_mut(&boot) {
+            *lease = Some(Instant::now() + self.lease);
+        }
     }
 
-    async fn set_alias(&mut self, ws: WsId, alias: &str) -> Result<(), Error> {
-        self.users.insert(ws, alias.to_owned());
-        Ok(())
+    fn set_user(&mut self, user: Presence) {
+        self.users.set(user);
     }
 
-    async fn users(&mut self) -> Result<Vec<String>, Error> {
-        Ok(self.users.values().cloned().collect())
+    fn remove_user(&mut self, ws: WsId, _boot: u64) {
+        self.users.remove(ws);
     }
 
-    async fn post(&mut self, message: NewMessage) -> Result<(), Error> {
+    fn users(&self) -> Vec<String> {
+        self.users.list()
+    }
+
+    fn healthy(&self) -> bool {
+        self.posts.as_ref().is_some_and(|p| !p.is_closed())
+    }
+
+    fn post(&mut self, message: NewMessage) -> Result<(), Error> {
         let posts = self.posts.as_ref().ok_or(Error::LogClosed)?;
         posts.try_send(message).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Error::LogBusy,
@@ -135,7 +189,7 @@ impl Backplane for Embedded {
         })
     }
 
-    async fn history(
+    fn history(
         &mut self,
         after: u64,
         upto: u64,
@@ -168,7 +222,24 @@ impl Backplane for Embedded {
     }
 
     async fn next_event(&mut self) -> Event {
-        let Some(event) = self.events.recv().await else {
+        let expiry = self.next_expiry();
+        let received = tokio::select! {
+            event = self.events.recv() => event,
+            _ = tokio::time::sleep_until(expiry.map_or_else(Instant::now, |(_, at)| at)), if expiry.is_some() => {
+                let (boot, _) = expiry.expect("guarded by the if");
+                self.leases.remove(&boot);
+                self.tags.retain(|_, b| *b != boot);
+                let left = self.users.len();
+                self.users.remove_boot(boot);
+                info!(
+                    boot_id = format!("{boot:016x}"),
+                    users = left - self.users.len(),
+                    "gateway lease ran out, its users left"
+                );
+                return Event::UsersChanged;
+            }
+        };
+        let Some(event) = received else {
             // The writer is gone (it only stops on drop); wait forever.
             return std::future::pending().await;
         };
@@ -208,9 +279,11 @@ fn read_range(
 fn write_loop(
     db: Arc<Database>,
     mut last_id: u64,
+    keys: HashMap<String, u64>,
     mut queue: mpsc::Receiver<NewMessage>,
     events: mpsc::Sender<Event>,
 ) {
+    let mut keys = KeyMemory::new(keys);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
@@ -221,40 +294,84 @@ fn write_loop(
             }
         }
         let sent = rules::sent_stamp(time::OffsetDateTime::now_utc());
-        let stored: Vec<Arc<StoredMessage>> = batch
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                Arc::new(StoredMessage {
-                    id: last_id + 1 + i as u64,
-                    author: m.author.to_string(),
-                    message: m.message.clone(),
-                    sent: sent.clone(),
-                })
-            })
-            .collect();
-        let event = match commit(&db, &stored) {
+        let mut acks = Vec::with_capacity(batch.len());
+        let mut fresh = Vec::with_capacity(batch.len());
+        let mut stored: Vec<Arc<StoredMessage>> = Vec::with_capacity(batch.len());
+        let mut in_batch = HashSet::new();
+        for m in batch.drain(..) {
+            acks.push((m.from, m.seq));
+            // Sent again after a restart, or twice in one batch: stored once.
+            if keys.contains(&m.key) || (!m.key.is_empty() && !in_batch.insert(m.key.clone())) {
+                continue;
+            }
+            stored.push(Arc::new(StoredMessage {
+                id: last_id + 1 + stored.len() as u64,
+                author: m.author.to_string(),
+                message: m.message.clone(),
+                sent: sent.clone(),
+                key: m.key.clone(),
+            }));
+            fresh.push(m);
+        }
+        let outcome = match commit(&db, &stored) {
             Ok(()) => {
                 last_id += stored.len() as u64;
-                batch.clear();
-                Event::Committed(stored)
+                for m in &stored {
+                    keys.insert(m.key.clone(), m.id);
+                }
+                vec![Event::Committed(stored), Event::Stored(acks)]
             }
             Err(e) => {
-                error!(error = %e, messages = batch.len(), "message log write failed");
-                Event::Rejected(
-                    std::mem::take(&mut batch),
-                    "message could not be stored".into(),
-                )
+                error!(error = %e, messages = fresh.len(), "message log write failed");
+                vec![Event::Rejected {
+                    messages: fresh,
+                    code: "not_stored",
+                    reason: "message could not be stored".into(),
+                }]
             }
         };
-        if events.blocking_send(event).is_err() {
-            // The backplane was dropped: keep committing what is queued.
-            continue;
+        for event in outcome {
+            // A send fails only once the backplane was dropped: keep
+            // committing what is queued.
+            let _ = events.blocking_send(event);
         }
     }
 }
 
+/// The most recent idempotency keys, oldest forgotten first.
+struct KeyMemory {
+    ids: HashMap<String, u64>,
+    order: VecDeque<String>,
+}
+
+impl KeyMemory {
+    fn new(ids: HashMap<String, u64>) -> Self {
+        let order = ids.keys().cloned().collect();
+        KeyMemory { ids, order }
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        !key.is_empty() && self.ids.contains_key(key)
+    }
+
+    fn insert(&mut self, key: String, id: u64) {
+        if key.is_empty() {
+            return;
+        }
+        if self.order.len() >= KEY_MEMORY
+            && let Some(old) = self.order.pop_front()
+        {
+            self.ids.remove(&old);
+        }
+        self.order.push_back(key.clone());
+        self.ids.insert(key, id);
+    }
+}
+
 fn commit(db: &Database, messages: &[Arc<StoredMessage>]) -> Result<(), Error> {
+    if messages.is_empty() {
+        return Ok(());
+    }
     let txn = db.begin_write()?;
     {
         let mut table = txn.open_table(MESSAGES)?;

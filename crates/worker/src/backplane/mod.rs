@@ -5,9 +5,24 @@
 //! The contract: [`Backplane::post`] only queues a message. It comes back,
 //! with its id, from [`Backplane::next_event`] once it is durable, in the one
 //! order that every worker sharing the backplane sees. The chat delivers what
-//! comes back, never what it posted, so all clients see that same order.
+//! comes back, never what it posted, so all clients see that same order. A
+//! post carries an idempotency key: posting it again (a gateway retrying
+//! after a worker died) stores it once.
+//!
+//! Presence belongs to gateways, not to workers: each user is recorded under
+//! the run (`boot`) of the gateway holding its socket, and stays while some
+//! worker holds that gateway's lease ([`Backplane::gateway_up`]). When every
+//! link to a gateway is gone for the lease time, its users leave. Nothing
+//! here waits on the network in the runtime's path: writes are queued to a
+//! backplane task, and reads come from local state kept current by events.
+//!
+//! - [`embedded`]: one worker; presence in memory, the log in redb.
+//! - [`redis`]: any number of workers sharing one Redis.
+//! - [`presence`]: the local copy of the online list both keep.
 
 pub mod embedded;
+pub mod presence;
+pub mod redis;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,10 +35,15 @@ use crate::error::Error;
 /// A message waiting for its id.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
-    /// Who sent it; told when it cannot be stored.
+    /// Who sent it, and which of its frames this was: told when it is
+    /// stored (an ack) or cannot be.
     pub from: WsId,
+    pub seq: u64,
+    /// Unique per post across the cluster and gateway restarts: a post sent
+    /// again with the same key is stored once.
+    pub key: String,
     pub author: Arc<str>,
-    /// Base64 of UTF-8 text, as the client sent it (checked).
+    /// Base64, as the client sent it (checked).
     pub message: String,
 }
 
@@ -35,6 +55,20 @@ pub struct StoredMessage {
     pub message: String,
     /// `YYYY-MM-DD HH:MM:SS`, UTC, stamped when the id was assigned.
     pub sent: String,
+    /// The post's idempotency key (empty in logs written before keys).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key: String,
+}
+
+/// One entry of the online list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub ws: WsId,
+    /// The run of the gateway holding the socket.
+    pub boot: u64,
+    pub alias: Arc<str>,
+    /// When the socket opened: the list is oldest socket first.
+    pub opened_ms: u64,
 }
 
 /// What a backplane tells the chat.
@@ -42,29 +76,37 @@ pub struct StoredMessage {
 pub enum Event {
     /// These messages are durable, in log order (ids increasing).
     Committed(Vec<Arc<StoredMessage>>),
+    /// These posts of this worker are durable (or were already): `(from, seq)`.
+    Stored(Vec<(WsId, u64)>),
     /// These messages could not be stored; their senders should be told.
-    Rejected(Vec<NewMessage>, String),
-    /// Another worker changed the online list.
+    Rejected {
+        messages: Vec<NewMessage>,
+        code: &'static str,
+        reason: String,
+    },
+    /// The online list changed.
     UsersChanged,
+    /// The log lost its data and has a new name; ids start over.
+    LogReset,
 }
 
-/// Shared chat state. Called only from the runtime task.
+/// Shared chat state. Called only from the runtime task; no method waits on
+/// the network.
 pub trait Backplane: Send + 'static {
-    /// Records an open socket.
-    fn connect(&mut self, ws: WsId) -> impl Future<Output = Result<(), Error>> + Send;
-    /// Forgets a socket and its alias.
-    fn disconnect(&mut self, ws: WsId) -> impl Future<Output = Result<(), Error>> + Send;
-    /// Sets the alias shown in the online list.
-    fn set_alias(
-        &mut self,
-        ws: WsId,
-        alias: &str,
-    ) -> impl Future<Output = Result<(), Error>> + Send;
-    /// The online list: one alias per socket that set one, oldest socket first.
-    fn users(&mut self) -> impl Future<Output = Result<Vec<String>, Error>> + Send;
+    /// A stream from gateway run `boot` is up on this worker: hold its lease.
+    /// A run with the same `tag` seen before is gone: its users leave now.
+    fn gateway_up(&mut self, boot: u64, tag: u32);
+    /// No stream from `boot` is left on this worker: stop holding its lease.
+    fn gateway_down(&mut self, boot: u64);
+    /// Adds or updates a user (an alias was set, or a socket re-attached).
+    fn set_user(&mut self, user: Presence);
+    /// A socket closed: its user leaves.
+    fn remove_user(&mut self, ws: WsId, boot: u64);
+    /// The online list: one alias per socket that set one, oldest first.
+    fn users(&self) -> Vec<String>;
     /// Queues a message for the log; see the module docs. Never waits: a full
     /// queue is `Error::LogBusy`, answered to the sender.
-    fn post(&mut self, message: NewMessage) -> impl Future<Output = Result<(), Error>> + Send;
+    fn post(&mut self, message: NewMessage) -> Result<(), Error>;
     /// Up to `limit` messages with `after < id <= upto`, oldest first; the most
     /// recent ones when more match.
     fn history(
@@ -72,12 +114,14 @@ pub trait Backplane: Send + 'static {
         after: u64,
         upto: u64,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<Arc<StoredMessage>>, Error>> + Send;
-    /// The newest id in the log when the backplane was opened.
+    ) -> Result<Vec<Arc<StoredMessage>>, Error>;
+    /// The newest id in the log that this worker has seen committed.
     fn last_id(&self) -> u64;
     /// Names this message log: a new log (its data wiped) gets a new name, so
     /// a client holding ids from the old one knows to drop them.
     fn log_id(&self) -> &str;
+    /// Whether the log can take posts now.
+    fn healthy(&self) -> bool;
     /// Waits for the next event. Cancel-safe.
     fn next_event(&mut self) -> impl Future<Output = Event> + Send;
 }

@@ -2,11 +2,15 @@
 //!
 //! - open: Status frame with the WebSocket ID, then recent history, then the
 //!   online list;
-//! - `{"User":..}`: set the alias; the online list goes to everyone;
+//! - `{"User":..}`: set the alias; the online list goes to everyone. The
+//!   alias is parked with the gateway, so whichever worker serves the socket
+//!   next knows it;
 //! - `{"Message":..}`: post under the alias the server holds (a client cannot
 //!   write as someone else); the message reaches every socket once the log
 //!   has given it an id, so every client sees the log's order;
 //! - close: drop the user; the online list goes to everyone.
+//! - re-attach (a worker died or drained): no Status, no join; the socket
+//!   gets what it missed after the last id it received, and carries on.
 //!
 //! Online-list broadcasts are paced by [`pacer`]: the seed re-sends the whole
 //! list on every join, which is quadratic in a join storm.
@@ -22,32 +26,41 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::app::{Outbox, WebSocketApp, WsId};
-use crate::backplane::{self, Backplane, NewMessage};
+use crate::app::{Budget, Frames, Handled, OpenInfo, Outbox, WebSocketApp, WsId};
+use crate::backplane::{self, Backplane, NewMessage, Presence};
 use crate::error::Error;
 use pacer::Pacer;
 use rules::{ClientFrame, DEFAULT_ALIAS};
 
-/// Most messages replayed to a client that reconnects with `since` (older
-/// ones are announced with a Gap frame). Well under the gateway's default
-/// socket queue (1024), so live messages arriving during the replay fit too.
+/// Most messages replayed to a client that reconnects with `since`, or sent
+/// in one answer to a fetch (older ones are announced with a Gap frame).
+/// Well under the gateway's default socket queue (1024), so live messages
+/// arriving during the replay fit too.
 pub const MAX_REPLAY: usize = 500;
 
 pub struct Chat<B> {
     backplane: B,
     history: usize,
-    /// Aliases of this worker's sockets; the backplane has everyone's.
-    aliases: HashMap<WsId, Arc<str>>,
+    /// This worker's sockets; the backplane has everyone's presence.
+    sockets: HashMap<WsId, Socket>,
     /// The highest message id broadcast. History for a new socket stops
     /// here, and live messages start after it: no gap, no duplicate.
     last_delivered: u64,
     userlist: UserlistState,
 }
 
+struct Socket {
+    alias: Option<Arc<str>>,
+    boot: u64,
+    opened_ms: u64,
+}
+
 struct UserlistState {
     pacer: Pacer,
     /// The current list, for sockets that open while nothing is pending.
     frame: Option<Bytes>,
+    /// A gateway is re-attaching its sockets: lists wait.
+    held: bool,
 }
 
 /// What the chat waits for besides socket events.
@@ -63,11 +76,12 @@ impl<B: Backplane> Chat<B> {
         Chat {
             backplane,
             history,
-            aliases: HashMap::new(),
+            sockets: HashMap::new(),
             last_delivered,
             userlist: UserlistState {
                 pacer: Pacer::new(userlist_interval, Instant::now()),
                 frame: None,
+                held: false,
             },
         }
     }
@@ -77,15 +91,8 @@ impl<B: Backplane> Chat<B> {
         self.userlist.frame = None;
     }
 
-    async fn send_userlist(&mut self, out: &mut Outbox<'_>) {
-        let users = match self.backplane.users().await {
-            Ok(users) => users,
-            Err(e) => {
-                warn!(error = %e, "cannot read the online list");
-                self.userlist.pacer.retry(Instant::now());
-                return;
-            }
-        };
+    fn send_userlist(&mut self, out: &mut Outbox<'_>) {
+        let users = self.backplane.users();
         let frame = Bytes::from(rules::userlist_frame(&users));
         debug!(
             users = users.len(),
@@ -96,116 +103,224 @@ impl<B: Backplane> Chat<B> {
         self.userlist
             .pacer
             .sent(Instant::now(), frame.len(), out.open_sockets());
-        out.broadcast(frame.clone());
+        out.broadcast(frame.clone(), 0);
         self.userlist.frame = Some(frame);
+    }
+
+    /// Appends to `frames` the messages after `since` (the most recent ones
+    /// when `since` is 0), announcing with a Gap frame those it leaves out.
+    fn replay(&mut self, frames: &mut Frames, since: u64) {
+        let (after, limit) = if since > 0 {
+            (since, MAX_REPLAY)
+        } else {
+            (0, self.history)
+        };
+        match self.backplane.history(after, self.last_delivered, limit) {
+            Ok(messages) => {
+                let first = messages.first().map_or(self.last_delivered + 1, |m| m.id);
+                if since > 0 && first > since + 1 {
+                    frames.push(rules::gap_frame(since, first - since - 1), 0);
+                }
+                for m in &messages {
+                    frames.push(rules::chat_frame(m), m.id);
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot read history"),
+        }
+    }
+
+    fn presence(&self, ws: WsId, socket: &Socket) -> Option<Presence> {
+        socket.alias.as_ref().map(|alias| Presence {
+            ws,
+            boot: socket.boot,
+            alias: alias.clone(),
+            opened_ms: socket.opened_ms,
+        })
     }
 }
 
 impl<B: Backplane> WebSocketApp for Chat<B> {
     type Event = ChatEvent;
 
-    async fn on_open(&mut self, ws: WsId, since: u64, out: &mut Outbox<'_>) {
+    fn log_id(&self) -> &str {
+        self.backplane.log_id()
+    }
+
+    fn healthy(&self) -> bool {
+        self.backplane.healthy()
+    }
+
+    fn gateway_up(&mut self, boot: u64, tag: u32) {
+        self.backplane.gateway_up(boot, tag);
+        // A restarted gateway's old users may have left.
+        self.users_changed();
+    }
+
+    fn gateway_down(&mut self, boot: u64) {
+        self.backplane.gateway_down(boot);
+    }
+
+    async fn on_open(&mut self, ws: WsId, open: OpenInfo, out: &mut Outbox<'_>) {
+        let alias = std::str::from_utf8(&open.state)
+            .ok()
+            .filter(|a| !a.is_empty())
+            .map(Arc::<str>::from);
+        let socket = Socket {
+            alias,
+            boot: open.boot,
+            opened_ms: open.opened_ms,
+        };
+        if let Some(user) = self.presence(ws, &socket) {
+            self.backplane.set_user(user);
+            self.users_changed();
+        }
+        self.sockets.insert(ws, socket);
+
         // Everything an opening socket gets goes out as one command, so a
         // burst of (re)connections costs its stream one slot each.
-        let wsid = sharedconn_proto::ws_id_string(ws);
-        let mut frames = vec![Bytes::from(rules::status_frame(
-            &wsid,
-            self.backplane.log_id(),
-        ))];
-        if let Err(e) = self.backplane.connect(ws).await {
-            warn!(ws_id = ws, error = %e, "cannot record connection");
-        }
-        let (after, limit) = if since > 0 {
-            (since, MAX_REPLAY)
-        } else {
-            (0, self.history)
-        };
-        match self
-            .backplane
-            .history(after, self.last_delivered, limit)
-            .await
-        {
-            Ok(messages) => {
-                // A reconnecting client that missed more than we replay is
-                // told how many it will not see, rather than left with a
-                // silent hole.
-                if let Some(first) = messages.first()
-                    && since > 0
-                    && first.id > since + 1
-                {
-                    frames.push(rules::gap_frame(since, first.id - since - 1).into());
-                }
-                frames.extend(messages.iter().map(|m| Bytes::from(rules::chat_frame(m))));
+        let mut frames = Frames::default();
+        if open.resume && open.log == self.backplane.log_id() {
+            // Served before on this log: only what it missed.
+            self.replay(&mut frames, open.since);
+            if !frames.texts.is_empty() {
+                out.write_frames(ws, frames);
             }
-            Err(e) => warn!(ws_id = ws, error = %e, "cannot read history"),
+            return;
         }
+        let wsid = sharedconn_proto::ws_id_string(ws);
+        frames.push(rules::status_frame(&wsid, self.backplane.log_id()), 0);
+        frames.log = self.backplane.log_id().to_owned();
+        // A socket re-attached to a log that lost its data starts over.
+        let since = if open.resume { 0 } else { open.since };
+        self.replay(&mut frames, since);
         // While a list is pending, it will reach this socket too.
         if !self.userlist.pacer.is_dirty() {
             if self.userlist.frame.is_none() {
-                let users = self.backplane.users().await.unwrap_or_default();
+                let users = self.backplane.users();
                 self.userlist.frame = Some(rules::userlist_frame(&users).into());
             }
-            frames.extend(self.userlist.frame.clone());
+            if let Some(list) = self.userlist.frame.clone() {
+                frames.push(list, 0);
+            }
         }
         out.write_frames(ws, frames);
     }
 
-    async fn on_frame(&mut self, ws: WsId, text: &str, out: &mut Outbox<'_>) {
+    async fn on_frame(&mut self, ws: WsId, seq: u64, text: &str, out: &mut Outbox<'_>) -> Handled {
+        let Some(socket) = self.sockets.get_mut(&ws) else {
+            return Handled::Now;
+        };
         match rules::parse(text) {
             Ok(ClientFrame::User(alias)) => {
-                if let Err(e) = self.backplane.set_alias(ws, &alias).await {
-                    warn!(ws_id = ws, error = %e, "cannot set alias");
-                }
-                self.aliases.insert(ws, alias.into());
+                let alias: Arc<str> = alias.into();
+                socket.alias = Some(alias.clone());
+                let user = Presence {
+                    ws,
+                    boot: socket.boot,
+                    alias: alias.clone(),
+                    opened_ms: socket.opened_ms,
+                };
+                self.backplane.set_user(user);
+                out.park(ws, Bytes::copy_from_slice(alias.as_bytes()));
                 self.users_changed();
+                Handled::Now
             }
             Ok(ClientFrame::Message(message)) => {
-                let author = self
-                    .aliases
-                    .get(&ws)
-                    .cloned()
-                    .unwrap_or_else(|| DEFAULT_ALIAS.into());
+                let author = socket.alias.clone().unwrap_or_else(|| DEFAULT_ALIAS.into());
                 let post = NewMessage {
                     from: ws,
+                    seq,
+                    // Unique across gateway runs and retries of this frame.
+                    key: format!("{:016x}:{ws:x}:{seq}", socket.boot),
                     author,
                     message,
                 };
-                match self.backplane.post(post).await {
-                    Ok(()) => {}
-                    Err(Error::LogBusy) => out.write(
-                        ws,
-                        rules::error_frame(
-                            "busy",
-                            "server is busy, message not stored; send it again",
-                        ),
+                let refused = match self.backplane.post(post) {
+                    Ok(()) => return Handled::Later,
+                    Err(Error::LogBusy) => rules::error_frame(
+                        "busy",
+                        "server is busy, message not stored; send it again",
+                    ),
+                    Err(Error::LogUnavailable) => rules::error_frame(
+                        "log_unavailable",
+                        "the message log is unavailable; message not stored, send it again",
                     ),
                     Err(e) => {
                         warn!(ws_id = ws, error = %e, "cannot post");
-                        out.write(
-                            ws,
-                            rules::error_frame("not_stored", "message could not be stored"),
-                        );
+                        rules::error_frame("not_stored", "message could not be stored")
                     }
-                }
+                };
+                out.write(ws, refused);
+                Handled::Now
             }
             Err(e) => {
                 debug!(ws_id = ws, error = %e, "bad frame");
                 out.write(ws, rules::error_frame(e.code(), &e.to_string()));
+                Handled::Now
             }
         }
     }
 
-    async fn on_close(&mut self, ws: WsId, _out: &mut Outbox<'_>) {
-        if let Err(e) = self.backplane.disconnect(ws).await {
-            warn!(ws_id = ws, error = %e, "cannot forget connection");
+    fn on_fetch(&mut self, ws: WsId, after: u64, budget: Budget, out: &mut Outbox<'_>) {
+        // The oldest missed messages first, so the socket sees every one in
+        // order; the gateway asks again until `complete`.
+        let limit = match budget.messages {
+            0 => MAX_REPLAY,
+            n => n.min(MAX_REPLAY),
+        };
+        let max_bytes = if budget.bytes == 0 {
+            usize::MAX
+        } else {
+            budget.bytes
+        };
+        let upto = self.last_delivered.min(after.saturating_add(limit as u64));
+        let mut frames = Frames {
+            fetched: true,
+            ..Frames::default()
+        };
+        let mut reached = after;
+        match self.backplane.history(after, upto, limit) {
+            Ok(messages) => {
+                let first = messages.first().map_or(upto + 1, |m| m.id);
+                if first > after + 1 {
+                    frames.push(rules::gap_frame(after, first - after - 1), 0);
+                    reached = first - 1;
+                }
+                let mut bytes = 0;
+                for m in &messages {
+                    let frame = rules::chat_frame(m);
+                    bytes += frame.len();
+                    // At least one message, so every answer makes progress.
+                    if bytes > max_bytes && reached > after {
+                        break;
+                    }
+                    frames.push(frame, m.id);
+                    reached = m.id;
+                }
+            }
+            Err(e) => warn!(ws_id = ws, error = %e, "cannot read history"),
         }
-        if self.aliases.remove(&ws).is_some() {
-            self.users_changed();
-        }
+        frames.complete = reached >= self.last_delivered;
+        out.write_frames(ws, frames);
+    }
+
+    fn on_close(&mut self, ws: WsId, boot: u64, _out: &mut Outbox<'_>) {
+        self.sockets.remove(&ws);
+        self.backplane.remove_user(ws, boot);
+        self.users_changed();
+    }
+
+    fn on_detach(&mut self, ws: WsId) {
+        // Its presence stays: the gateway's lease holds it.
+        self.sockets.remove(&ws);
+    }
+
+    fn hold_lists(&mut self, held: bool) {
+        self.userlist.held = held;
     }
 
     async fn next_event(&mut self) -> ChatEvent {
-        let due = self.userlist.pacer.due();
+        let due = self.userlist.pacer.due().filter(|_| !self.userlist.held);
         tokio::select! {
             event = self.backplane.next_event() => ChatEvent::Backplane(event),
             _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
@@ -221,17 +336,41 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
                     if m.id <= self.last_delivered {
                         continue;
                     }
-                    out.broadcast(rules::chat_frame(&m));
+                    out.broadcast(rules::chat_frame(&m), m.id);
                     self.last_delivered = m.id;
                 }
             }
-            ChatEvent::Backplane(backplane::Event::Rejected(messages, reason)) => {
+            ChatEvent::Backplane(backplane::Event::Stored(acks)) => {
+                for (ws, seq) in acks {
+                    out.ack(ws, seq);
+                }
+            }
+            ChatEvent::Backplane(backplane::Event::Rejected {
+                messages,
+                code,
+                reason,
+            }) => {
                 for m in messages {
-                    out.write(m.from, rules::error_frame("not_stored", &reason));
+                    out.write(m.from, rules::error_frame(code, &reason));
+                    out.ack(m.from, m.seq);
                 }
             }
             ChatEvent::Backplane(backplane::Event::UsersChanged) => self.users_changed(),
-            ChatEvent::SendUserlist => self.send_userlist(out).await,
+            ChatEvent::Backplane(backplane::Event::LogReset) => {
+                // Every socket starts over on the new log.
+                self.last_delivered = self.backplane.last_id();
+                let log = self.backplane.log_id().to_owned();
+                for ws in self.sockets.keys() {
+                    let wsid = sharedconn_proto::ws_id_string(*ws);
+                    let mut frames = Frames {
+                        log: log.clone(),
+                        ..Frames::default()
+                    };
+                    frames.push(rules::status_frame(&wsid, &log), 0);
+                    out.write_frames(*ws, frames);
+                }
+            }
+            ChatEvent::SendUserlist => self.send_userlist(out),
         }
     }
 }
@@ -243,6 +382,7 @@ mod tests {
 
     use super::*;
     use crate::backplane::embedded::Embedded;
+    use crate::router::{Peer, Router};
 
     /// A chat over a real embedded log, with one stream whose commands the
     /// test reads.
@@ -254,13 +394,20 @@ mod tests {
         mpsc::Receiver<sharedconn_proto::WorkerCommand>,
     ) {
         let chat = Chat::new(
-            Embedded::open(dir, 50).unwrap(),
+            Embedded::open(dir, 50, Duration::from_secs(10)).unwrap(),
             50,
             Duration::from_millis(100),
         );
         let mut router = Router::default();
         let (tx, rx) = mpsc::channel(1024);
-        router.add_stream(1, tx, Default::default(), tokio::sync::oneshot::channel().0);
+        let peer = Peer { tag: 0, boot: 1 };
+        router.add_stream(
+            1,
+            peer,
+            tx,
+            Default::default(),
+            tokio::sync::oneshot::channel().0,
+        );
         (chat, router, rx)
     }
 
@@ -279,7 +426,13 @@ mod tests {
         lists
     }
 
-    use crate::router::Router;
+    fn open(boot: u64, opened_ms: u64) -> OpenInfo {
+        OpenInfo {
+            boot,
+            opened_ms,
+            ..OpenInfo::default()
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn joins_within_the_interval_make_one_list() {
@@ -287,13 +440,14 @@ mod tests {
         let (mut chat, mut router, mut rx) = chat(dir.path());
         for ws in 1..=3 {
             router.add_socket(ws, 1);
-            chat.on_open(ws, 0, &mut Outbox::new(&mut router)).await;
+            chat.on_open(ws, open(1, ws), &mut Outbox::new(&mut router))
+                .await;
         }
         // Each open got the (empty) list on its own.
         assert_eq!(userlists(&mut rx).len(), 3);
         for (ws, name) in [(1, "a"), (2, "b"), (3, "c")] {
             let frame = format!(r#"{{"User":"{name}"}}"#);
-            chat.on_frame(ws, &frame, &mut Outbox::new(&mut router))
+            chat.on_frame(ws, 1, &frame, &mut Outbox::new(&mut router))
                 .await;
         }
         assert!(
@@ -304,18 +458,40 @@ mod tests {
         assert!(matches!(event, ChatEvent::SendUserlist));
         chat.on_event(event, &mut Outbox::new(&mut router)).await;
         let lists = userlists(&mut rx);
+        assert_eq!(lists.len(), 1);
         assert_eq!(
-            lists,
-            vec![
-                r#"{"Type":"userlist","Users":[{"User":"a"},{"User":"b"},{"User":"c"}]}"#
-                    .to_owned()
-            ]
+            lists[0],
+            r#"{"Type":"userlist","Users":[{"User":"a"},{"User":"b"},{"User":"c"}]}"#
         );
         // A change right after a send waits for the next interval.
-        chat.on_close(2, &mut Outbox::new(&mut router)).await;
+        chat.on_close(2, 1, &mut Outbox::new(&mut router));
         let before = Instant::now();
         let event = chat.next_event().await;
         assert!(matches!(event, ChatEvent::SendUserlist));
         assert!(Instant::now() - before >= Duration::from_millis(99));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gateway_whose_lease_runs_out_leaves_the_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut chat, mut router, _rx) = chat(dir.path());
+        chat.gateway_up(7, 7);
+        router.add_socket(1, 1);
+        let mut info = open(7, 1);
+        info.state = Bytes::from_static(b"ann");
+        info.resume = true;
+        chat.on_open(1, info, &mut Outbox::new(&mut router)).await;
+        assert_eq!(chat.backplane.users(), ["ann"]);
+        chat.on_detach(1);
+        chat.gateway_down(7);
+        assert_eq!(chat.backplane.users(), ["ann"], "held by the lease");
+        loop {
+            let event = chat.next_event().await;
+            if let ChatEvent::Backplane(backplane::Event::UsersChanged) = event {
+                break;
+            }
+            chat.on_event(event, &mut Outbox::new(&mut router)).await;
+        }
+        assert!(chat.backplane.users().is_empty());
     }
 }

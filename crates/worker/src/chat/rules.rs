@@ -375,6 +375,7 @@ mod tests {
             author: "ann".into(),
             message: b64("hi"),
             sent: "2026-11-27 05:00:00".into(),
+            key: String::new(),
         };
         let v: Value = serde_json::from_str(&chat_frame(&m)).unwrap();
         assert_eq!(v["Type"], "Chat");
