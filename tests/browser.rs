@@ -12,7 +12,7 @@
 //! the seed page must read the online list and pass Latin-1 text through intact.
 //!
 //! Needs `chromium` and `chromedriver` on PATH (`apt-get install -y chromium
-//! chromium-driver`, or `.ci/browser-deps`); without them the tests fail and say so.
+//! chromium-driver`, or `.ci/test-deps`); without them the tests fail and say so.
 //! Screenshots at desktop and phone width land in `target/browser-artifacts/`.
 
 mod support;
@@ -1286,7 +1286,7 @@ impl ChromeDriver {
             missing.is_empty(),
             "\n\nthe browser test needs {} on PATH, which {} not installed.\n\
              Install them with: apt-get install -y chromium chromium-driver\n\
-             (or run .ci/browser-deps)\n\n",
+             (or run .ci/test-deps)\n\n",
             missing.join(" and "),
             if missing.len() == 1 { "is" } else { "are" },
         );

@@ -24,6 +24,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use sharedconn_gateway::Mode;
 
+pub mod procs;
+
 /// How long any single expected event may take before a test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 

@@ -87,7 +87,9 @@ pub async fn handle(
         }
         (&Method::GET, "/healthz") => {
             if gateway.upstream.healthy().await {
-                text(StatusCode::OK, "ok\n")
+                // The count lets an operator (and a test) see every replica linked.
+                let body = format!("ok\nlinked workers: {}\n", gateway.upstream.linked());
+                text(StatusCode::OK, body)
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "no worker linked\n")
             }
@@ -98,8 +100,8 @@ pub async fn handle(
     Ok(response)
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -122,7 +122,10 @@ pub async fn run(
     let gateway = Arc::new(Gateway {
         page: http::index_page(config.max_frame_bytes),
         tag,
-        next_ws: AtomicU32::new(1),
+        // A random start: a gateway restarted with a fixed tag does not issue
+        // the IDs of its previous run again (with half the space left before
+        // the counter wraps).
+        next_ws: AtomicU32::new((rand::random::<u32>() >> 1).max(1)),
         upstream,
         permits: Arc::new(Semaphore::new(max_sockets)),
         max_sockets,

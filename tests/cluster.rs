@@ -1,0 +1,654 @@
+//! The cluster under failure, with real processes: `redis-server`, `worker`
+//! and `gateway` binaries on loopback, killed with real signals (SIGKILL,
+//! SIGSTOP, SIGTERM) while clients chat through real WebSockets.
+//!
+//! What every scenario checks, from the clients' side: no socket closes,
+//! every client sees every message with the same gapless ids in the same
+//! order, each post is stored exactly once, aliases stay, and the online
+//! list does not flap.
+
+mod support;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use support::procs::{GatewayProc, Redis, WorkerProc, free_port};
+use support::{Client, Mode};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long a scenario may wait for the clients to agree.
+const SETTLE: Duration = Duration::from_secs(20);
+
+fn addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+fn mode_flag(mode: Mode) -> String {
+    mode.to_string()
+}
+
+/// What one client saw.
+#[derive(Default)]
+struct Seen {
+    chats: Vec<(u64, String, String)>,
+    lists: Vec<Vec<String>>,
+    statuses: Vec<Value>,
+    errors: Vec<Value>,
+    ended: Option<String>,
+}
+
+/// A chat client whose frames a task records, and whose posts the test sends.
+struct Peer {
+    name: String,
+    wsid: String,
+    sink: SplitSink<Ws, Message>,
+    seen: Arc<Mutex<Seen>>,
+    reader: JoinHandle<()>,
+}
+
+impl Peer {
+    async fn join(url: &str, name: &str) -> Peer {
+        let client = Client::connect(url).await;
+        let wsid = client.wsid.clone();
+        let (mut sink, stream) = client.ws.split();
+        sink.send(Message::Text(json!({ "User": name }).to_string().into()))
+            .await
+            .unwrap();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let reader = tokio::spawn(read(stream, seen.clone()));
+        Peer {
+            name: name.to_owned(),
+            wsid,
+            sink,
+            seen,
+            reader,
+        }
+    }
+
+    async fn say(&mut self, text: &str) {
+        let frame = json!({ "Message": support::b64(text), "Author": self.name });
+        let _ = self
+            .sink
+            .send(Message::Text(frame.to_string().into()))
+            .await;
+    }
+
+    fn seen<T>(&self, f: impl FnOnce(&Seen) -> T) -> T {
+        f(&self.seen.lock().unwrap())
+    }
+
+    fn last_list(&self) -> Option<Vec<String>> {
+        self.seen(|s| s.lists.last().cloned())
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+async fn read(mut stream: SplitStream<Ws>, seen: Arc<Mutex<Seen>>) {
+    loop {
+        let ended = match stream.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).expect("frame is not JSON");
+                let mut s = seen.lock().unwrap();
+                match v["Type"].as_str() {
+                    Some("Chat") => s.chats.push((
+                        v["ID"].as_u64().expect("ID"),
+                        v["Author"].as_str().unwrap().to_owned(),
+                        support::unb64(v["Message"].as_str().unwrap()),
+                    )),
+                    Some("userlist") => s.lists.push(support::userlist_names(&v)),
+                    Some("Status") => s.statuses.push(v),
+                    _ => s.errors.push(v),
+                }
+                continue;
+            }
+            Some(Ok(Message::Close(frame))) => format!("closed {frame:?}"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => format!("error {e}"),
+            None => "dropped".to_owned(),
+        };
+        seen.lock().unwrap().ended = Some(ended);
+        return;
+    }
+}
+
+/// Waits until every peer's online list is exactly `names` (in some order
+/// that is the same for all).
+async fn wait_lists(peers: &[Peer], names: &BTreeSet<String>) -> Vec<String> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let lists: Vec<_> = peers.iter().map(|p| p.last_list()).collect();
+        let first = lists[0].clone();
+        let agreed = lists.iter().all(|l| *l == first)
+            && first.as_ref().is_some_and(|l| {
+                l.iter().cloned().collect::<BTreeSet<_>>() == *names && l.len() == names.len()
+            });
+        if agreed {
+            return first.unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "online lists never agreed: {lists:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Posts from every peer in turn, `rounds` times, `gap` apart; returns
+/// the texts sent.
+async fn chat(peers: &mut [Peer], rounds: usize, gap: Duration, tag: &str) -> Vec<String> {
+    let mut sent = Vec::new();
+    for round in 0..rounds {
+        for p in peers.iter_mut() {
+            let text = format!("{}:{tag}:{round}", p.name);
+            p.say(&text).await;
+            sent.push(text);
+        }
+        tokio::time::sleep(gap).await;
+    }
+    sent
+}
+
+/// Waits until every peer has seen `total` messages, then checks the
+/// contract: nobody's socket ended, the same gapless ids in the same order
+/// for all, every sent text stored exactly once, under its sender's alias.
+async fn check_everyone_saw(peers: &[Peer], sent: &[String]) -> Vec<(u64, String, String)> {
+    let total = sent.len();
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let counts: Vec<usize> = peers.iter().map(|p| p.seen(|s| s.chats.len())).collect();
+        for p in peers {
+            if let Some(ended) = p.seen(|s| s.ended.clone()) {
+                panic!("{}'s socket ended: {ended}", p.name);
+            }
+        }
+        if counts.iter().all(|c| *c >= total) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every message arrived: counts {counts:?} of {total}; errors {:?}",
+            peers
+                .iter()
+                .map(|p| p.seen(|s| s.errors.clone()))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first = peers[0].seen(|s| s.chats.clone());
+    for p in peers {
+        let chats = p.seen(|s| s.chats.clone());
+        assert_eq!(chats, first, "{} saw another order", p.name);
+        assert!(
+            p.seen(|s| s.errors.is_empty()),
+            "{} got errors: {:?}",
+            p.name,
+            p.seen(|s| s.errors.clone())
+        );
+    }
+    let ids: Vec<u64> = first.iter().map(|c| c.0).collect();
+    let expected: Vec<u64> = (ids[0]..ids[0] + ids.len() as u64).collect();
+    assert_eq!(ids, expected, "ids are gapless and increasing");
+    let mut stored: HashMap<&str, usize> = HashMap::new();
+    for (_, author, text) in &first {
+        *stored.entry(text.as_str()).or_default() += 1;
+        assert!(
+            text.starts_with(&format!("{author}:")),
+            "{text} stored as {author}"
+        );
+    }
+    for text in sent {
+        assert_eq!(stored.get(text.as_str()), Some(&1), "{text} stored once");
+    }
+    assert_eq!(first.len(), total, "nothing else was stored");
+    first
+}
+
+/// Asserts that no online list seen since `from` lacked any of `names`.
+fn assert_no_flap(peers: &[Peer], from: &[usize], names: &BTreeSet<String>) {
+    for (p, &start) in peers.iter().zip(from) {
+        p.seen(|s| {
+            for list in &s.lists[start..] {
+                let have: BTreeSet<String> = list.iter().cloned().collect();
+                assert!(
+                    have.is_superset(names),
+                    "{}'s list flapped: {list:?}",
+                    p.name
+                );
+            }
+        });
+    }
+}
+
+struct Stack {
+    redis: Option<Redis>,
+    _data: tempfile::TempDir,
+    workers: Vec<WorkerProc>,
+    worker_args: Vec<String>,
+    gateways: Vec<GatewayProc>,
+}
+
+impl Stack {
+    /// `workers` workers on Redis (or one embedded), `gateways` gateways
+    /// linked to all of them.
+    async fn start(mode: Mode, redis: bool, workers: usize, gateways: usize) -> Stack {
+        let redis = if redis {
+            Some(Redis::start().await)
+        } else {
+            None
+        };
+        let data = tempfile::tempdir().unwrap();
+        let mut worker_args = vec!["--presence-lease-secs".to_owned(), "3".to_owned()];
+        match &redis {
+            Some(r) => worker_args.extend(["--backplane".to_owned(), r.url()]),
+            None => worker_args.extend([
+                "--data-dir".to_owned(),
+                data.path().to_str().unwrap().to_owned(),
+            ]),
+        }
+        let mut stack = Stack {
+            redis,
+            _data: data,
+            workers: Vec::new(),
+            worker_args,
+            gateways: Vec::new(),
+        };
+        for _ in 0..workers {
+            let w = WorkerProc::start(addr(), &stack.worker_args).await;
+            stack.workers.push(w);
+        }
+        let urls: Vec<String> = stack.workers.iter().map(|w| w.url()).collect();
+        for _ in 0..gateways {
+            let args = vec![
+                "--worker".to_owned(),
+                urls.join(","),
+                "--mode".to_owned(),
+                mode_flag(mode),
+                "--link-timeout-ms".to_owned(),
+                "1000".to_owned(),
+            ];
+            let g = GatewayProc::start(addr(), &args, workers).await;
+            stack.gateways.push(g);
+        }
+        stack
+    }
+
+    /// Starts worker `i` again on its old address.
+    async fn restart_worker(&mut self, i: usize) {
+        let addr = self.workers[i].addr;
+        self.workers[i] = WorkerProc::start(addr, &self.worker_args).await;
+    }
+
+    async fn wait_all_linked(&self) {
+        for g in &self.gateways {
+            g.wait_linked(self.workers.len()).await;
+        }
+    }
+
+    /// `per_gateway` peers on every gateway, named `g{i}c{j}`, with their
+    /// aliases in every list.
+    async fn peers(&self, per_gateway: usize) -> (Vec<Peer>, BTreeSet<String>) {
+        let mut peers = Vec::new();
+        for (i, g) in self.gateways.iter().enumerate() {
+            for j in 0..per_gateway {
+                peers.push(Peer::join(&g.ws_url(), &format!("g{i}c{j}")).await);
+            }
+        }
+        let names: BTreeSet<String> = peers.iter().map(|p| p.name.clone()).collect();
+        wait_lists(&peers, &names).await;
+        (peers, names)
+    }
+}
+
+fn list_marks(peers: &[Peer]) -> Vec<usize> {
+    peers.iter().map(|p| p.seen(|s| s.lists.len())).collect()
+}
+
+macro_rules! both_modes {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn shared() {
+                super::$name(Mode::Shared).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn private() {
+                super::$name(Mode::Private).await;
+            }
+        }
+    )*};
+}
+
+both_modes!(
+    two_gateways_two_workers_one_order,
+    a_worker_killed_mid_traffic_closes_no_socket,
+    a_rolling_restart_of_every_worker_closes_nothing,
+    an_embedded_worker_killed_and_restarted_closes_no_socket,
+);
+
+/// Posts through both gateways and both workers: one order for everyone,
+/// and one online list (the union, oldest socket first).
+async fn two_gateways_two_workers_one_order(mode: Mode) {
+    let stack = Stack::start(mode, true, 2, 2).await;
+    let (mut peers, names) = stack.peers(3).await;
+    let sent = chat(&mut peers, 10, Duration::from_millis(10), "a").await;
+    check_everyone_saw(&peers, &sent).await;
+    let list = wait_lists(&peers, &names).await;
+    assert_eq!(
+        list,
+        ["g0c0", "g0c1", "g0c2", "g1c0", "g1c1", "g1c2"],
+        "oldest socket first"
+    );
+}
+
+/// SIGKILL of a worker while clients post: its sockets move to the other
+/// worker; nobody notices.
+async fn a_worker_killed_mid_traffic_closes_no_socket(mode: Mode) {
+    let mut stack = Stack::start(mode, true, 2, 2).await;
+    let (mut peers, names) = stack.peers(3).await;
+    let marks = list_marks(&peers);
+    let mut sent = chat(&mut peers, 10, Duration::from_millis(20), "before").await;
+    stack.workers[0].proc.kill();
+    sent.extend(chat(&mut peers, 20, Duration::from_millis(20), "after").await);
+    check_everyone_saw(&peers, &sent).await;
+    assert_no_flap(&peers, &marks, &names);
+    // The killed worker comes back and is linked again.
+    stack.restart_worker(0).await;
+    stack.wait_all_linked().await;
+    let more = chat(&mut peers, 3, Duration::from_millis(10), "back").await;
+    sent.extend(more);
+    check_everyone_saw(&peers, &sent).await;
+    assert!(
+        peers.iter().all(|p| p.seen(|s| s.statuses.is_empty())),
+        "no new Status"
+    );
+}
+
+/// SIGTERM of each worker in turn, each started again before the next: the
+/// draining worker hands its sockets over; nothing closes, nothing is lost.
+async fn a_rolling_restart_of_every_worker_closes_nothing(mode: Mode) {
+    let mut stack = Stack::start(mode, true, 2, 1).await;
+    let (mut peers, names) = stack.peers(4).await;
+    let marks = list_marks(&peers);
+    let mut sent = Vec::new();
+    for i in 0..stack.workers.len() {
+        sent.extend(chat(&mut peers, 5, Duration::from_millis(20), &format!("w{i}")).await);
+        let status = stack.workers[i]
+            .proc
+            .terminate(Duration::from_secs(15))
+            .await;
+        assert_eq!(status, Some(0), "worker {i} drained and exited cleanly");
+        sent.extend(
+            chat(
+                &mut peers,
+                5,
+                Duration::from_millis(20),
+                &format!("w{i}down"),
+            )
+            .await,
+        );
+        stack.restart_worker(i).await;
+        stack.wait_all_linked().await;
+    }
+    sent.extend(chat(&mut peers, 5, Duration::from_millis(20), "end").await);
+    check_everyone_saw(&peers, &sent).await;
+    assert_no_flap(&peers, &marks, &names);
+}
+
+/// One worker on the embedded log, SIGKILLed and started again: the
+/// gateway holds every socket and what their clients sent meanwhile.
+async fn an_embedded_worker_killed_and_restarted_closes_no_socket(mode: Mode) {
+    let mut stack = Stack::start(mode, false, 1, 1).await;
+    let (mut peers, names) = stack.peers(4).await;
+    let mut sent = chat(&mut peers, 5, Duration::from_millis(20), "before").await;
+    check_everyone_saw(&peers, &sent).await;
+    let marks = list_marks(&peers);
+    stack.workers[0].proc.kill();
+    sent.extend(chat(&mut peers, 3, Duration::from_millis(20), "during").await);
+    stack.restart_worker(0).await;
+    sent.extend(chat(&mut peers, 5, Duration::from_millis(20), "after").await);
+    check_everyone_saw(&peers, &sent).await;
+    wait_lists(&peers, &names).await;
+    assert_no_flap(&peers, &marks, &names);
+}
+
+/// A hung worker (SIGSTOP) is found within the link timeout and its sockets
+/// move on; the clients' posts go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_worker_is_found_within_the_link_timeout() {
+    let stack = Stack::start(Mode::Shared, true, 2, 1).await;
+    let (mut peers, _) = stack.peers(4).await;
+    let sent = chat(&mut peers, 2, Duration::from_millis(10), "before").await;
+    check_everyone_saw(&peers, &sent).await;
+    stack.workers[0].proc.stop();
+    let stopped = Instant::now();
+    stack.gateways[0].wait_linked(1).await;
+    let detected = stopped.elapsed();
+    eprintln!("hung worker detected after {detected:?} (link timeout 1 s)");
+    assert!(
+        detected < Duration::from_secs(4),
+        "detected after {detected:?}"
+    );
+    let mut all = sent;
+    all.extend(chat(&mut peers, 3, Duration::from_millis(10), "after").await);
+    check_everyone_saw(&peers, &all).await;
+    stack.workers[0].proc.cont();
+}
+
+/// A gateway SIGKILLed: its users leave every list within the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_gateways_users_leave_within_the_lease() {
+    let mut stack = Stack::start(Mode::Shared, true, 2, 2).await;
+    let (peers, _) = stack.peers(2).await;
+    let (stay, gone): (Vec<Peer>, Vec<Peer>) =
+        peers.into_iter().partition(|p| p.name.starts_with("g0"));
+    stack.gateways[1].proc.kill();
+    let killed = Instant::now();
+    let names: BTreeSet<String> = stay.iter().map(|p| p.name.clone()).collect();
+    wait_lists(&stay, &names).await;
+    let left = killed.elapsed();
+    eprintln!("a dead gateway's users left after {left:?} (lease 3 s)");
+    assert!(left < Duration::from_secs(3 + 3), "left after {left:?}");
+    drop(gone);
+}
+
+/// A gateway restarted with the same tag purges its previous run's users at
+/// once, long before their lease would run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_purges_its_old_users_at_once() {
+    let redis = Redis::start().await;
+    let args = vec![
+        "--backplane".to_owned(),
+        redis.url(),
+        "--presence-lease-secs".to_owned(),
+        "60".to_owned(),
+    ];
+    let worker = WorkerProc::start(addr(), &args).await;
+    let gw = |tag: &str| {
+        vec![
+            "--worker".to_owned(),
+            worker.url(),
+            "--gateway-tag".to_owned(),
+            tag.to_owned(),
+        ]
+    };
+    let mut g0 = GatewayProc::start(addr(), &gw("0000aaaa"), 1).await;
+    let g1 = GatewayProc::start(addr(), &gw("0000bbbb"), 1).await;
+    let watcher = Peer::join(&g1.ws_url(), "watcher").await;
+    let ghost = Peer::join(&g0.ws_url(), "ghost").await;
+    let both: BTreeSet<String> = ["watcher", "ghost"].map(String::from).into();
+    wait_lists(std::slice::from_ref(&watcher), &both).await;
+    let ghost_wsid = ghost.wsid.clone();
+    let g0_addr = g0.addr;
+    g0.proc.kill();
+    drop(ghost);
+    g0 = GatewayProc::start(g0_addr, &gw("0000aaaa"), 1).await;
+    let restarted = Instant::now();
+    let one: BTreeSet<String> = ["watcher"].map(String::from).into();
+    wait_lists(std::slice::from_ref(&watcher), &one).await;
+    eprintln!(
+        "old users purged {:?} after the restart (lease 60 s)",
+        restarted.elapsed()
+    );
+    assert!(restarted.elapsed() < Duration::from_secs(10));
+    // The new run never reuses a WebSocket ID of a live socket.
+    let newcomer = Peer::join(&g0.ws_url(), "newcomer").await;
+    assert_ne!(newcomer.wsid, ghost_wsid);
+}
+
+/// Redis SIGKILLed under traffic and started again on its AOF: every
+/// message any client received is still in the log, and ids continue under
+/// the same log name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_traffic_loses_nothing() {
+    let mut stack = Stack::start(Mode::Shared, true, 2, 1).await;
+    let (mut peers, _) = stack.peers(3).await;
+    let log = Client::connect(&stack.gateways[0].ws_url()).await.log;
+    let sent = chat(&mut peers, 10, Duration::from_millis(5), "before").await;
+    let redis = stack.redis.as_mut().unwrap();
+    redis.kill();
+    // Wait for what was acknowledged before the kill.
+    let received = peers[0].seen(|s| s.chats.clone());
+    assert!(!received.is_empty());
+    redis.restart().await;
+    let seq = redis.command(&["HGET", "sharedconn:meta", "seq"]).await;
+    let len = redis.command(&["XLEN", "sharedconn:log"]).await;
+    let max = received.iter().map(|c| c.0).max().unwrap();
+    eprintln!("after the restart: seq {seq:?}, XLEN {len:?}; clients had received up to id {max}");
+    let stored: u64 = len.unwrap().trim_start_matches(':').parse().unwrap();
+    assert!(stored >= max, "a received message is missing from the log");
+    // The workers resume by themselves; new posts continue the ids.
+    let deadline = Instant::now() + SETTLE;
+    let after = loop {
+        peers[0].say("g0c0:after-restart").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let got = peers[1].seen(|s| {
+            s.chats
+                .iter()
+                .find(|c| c.2 == "g0c0:after-restart")
+                .cloned()
+        });
+        if let Some(got) = got {
+            break got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no post got through after the restart"
+        );
+    };
+    assert!(after.0 > max, "ids continue: {} after {max}", after.0);
+    let again = Client::connect(&stack.gateways[0].ws_url()).await;
+    assert_eq!(again.log, log, "the same log name");
+    drop(sent);
+}
+
+/// Redis loses its data: the log gets a new name, the open sockets are told
+/// with a Status frame, and ids start over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_data_lost_means_a_new_log() {
+    let stack = Stack::start(Mode::Shared, true, 2, 1).await;
+    let (mut peers, _) = stack.peers(2).await;
+    let before = Client::connect(&stack.gateways[0].ws_url()).await.log;
+    let sent = chat(&mut peers, 3, Duration::from_millis(5), "old").await;
+    check_everyone_saw(&peers, &sent).await;
+    let redis = stack.redis.as_ref().unwrap();
+    assert_eq!(redis.command(&["FLUSHALL"]).await.as_deref(), Some("+OK"));
+    let deadline = Instant::now() + SETTLE;
+    while !peers.iter().all(|p| p.seen(|s| !s.statuses.is_empty())) {
+        assert!(Instant::now() < deadline, "no new Status after the wipe");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for p in &peers {
+        let status = p.seen(|s| s.statuses[0].clone());
+        assert_ne!(status["Log"], before.as_str());
+        assert_eq!(status["WSID"], p.wsid.as_str());
+    }
+    peers[0].say("g0c0:fresh").await;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let fresh = peers[1].seen(|s| s.chats.iter().find(|c| c.2 == "g0c0:fresh").cloned());
+        if let Some(fresh) = fresh {
+            assert_eq!(fresh.0, 1, "ids start over");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the fresh post never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The log's idempotency, against a real Redis: a post sent again with the
+/// same key (a gateway retrying after a worker died) is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_sent_twice_with_one_key_is_stored_once() {
+    use sharedconn_worker::backplane::redis::{RedisBackplane, RedisConfig};
+    use sharedconn_worker::backplane::{Backplane, Event, NewMessage};
+
+    let redis = Redis::start().await;
+    let mut log = RedisBackplane::connect(RedisConfig {
+        url: redis.url(),
+        prefix: "idem-test:".into(),
+        lease: Duration::from_secs(3),
+        max_log: 1000,
+        history: 50,
+    })
+    .await
+    .expect("backplane");
+    let post = |key: &str, text: &str| NewMessage {
+        from: 7,
+        seq: 1,
+        key: key.to_owned(),
+        author: "ann".into(),
+        message: support::b64(text),
+    };
+    let mut committed = Vec::new();
+    for m in [post("k1", "once"), post("k1", "once"), post("k2", "twice")] {
+        log.post(m).expect("queued");
+        // Each post is acknowledged, the retry too.
+        loop {
+            let event = tokio::time::timeout(SETTLE, log.next_event())
+                .await
+                .expect("no event");
+            match event {
+                Event::Stored(acks) => {
+                    assert_eq!(acks, vec![(7, 1)]);
+                    break;
+                }
+                Event::Committed(batch) => committed.extend(batch),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    while committed.len() < 2 {
+        if let Event::Committed(batch) = tokio::time::timeout(SETTLE, log.next_event())
+            .await
+            .expect("no commit")
+        {
+            committed.extend(batch);
+        }
+    }
+    let got: Vec<(u64, String)> = committed
+        .iter()
+        .map(|m| (m.id, support::unb64(&m.message)))
+        .collect();
+    assert_eq!(got, [(1, "once".to_owned()), (2, "twice".to_owned())]);
+    assert_eq!(
+        redis.command(&["XLEN", "idem-test:log"]).await.as_deref(),
+        Some(":2")
+    );
+}
