@@ -43,6 +43,9 @@ both_modes!(
     worker_restart_keeps_the_sockets_the_log_and_the_ids,
     slow_reader_does_not_delay_the_others,
     a_slow_reader_catches_up_in_order,
+    a_silent_client_is_pinged_then_closed,
+    a_name_held_by_someone_online_is_refused,
+    a_half_sent_frame_is_timed_out,
     new_socket_gets_recent_history_then_live,
     reconnect_with_since_replays_only_what_was_missed,
     gateway_shutdown_closes_with_1001,
@@ -445,6 +448,78 @@ async fn a_slow_reader_catches_up_in_order(mode: Mode) {
     assert_eq!(got, sent, "every message, in order, once");
     sender.say("live again").await;
     assert_eq!(slow.chats(1).await[0].2, "live again");
+    cluster.shutdown().await;
+}
+
+/// The gateway pings a silent client; one that never answers is closed
+/// (1001) and leaves the list, one that answers stays.
+async fn a_silent_client_is_pinged_then_closed(mode: Mode) {
+    let cluster = Cluster::builder()
+        .mode(mode)
+        .gateway_config(|c| {
+            c.ping_interval = std::time::Duration::from_millis(300);
+            c.pong_timeout = std::time::Duration::from_millis(300);
+        })
+        .start()
+        .await;
+    let mut ghost = Client::connect(&cluster.ws_url(0)).await;
+    let mut alive = Client::connect(&cluster.ws_url(0)).await;
+    ghost.alias("ghost").await;
+    alive.alias("alive").await;
+    // The live client reads (tungstenite answers pings as it reads); the
+    // ghost reads nothing, so it answers nothing.
+    let names = alive.userlist_until(|u| u.len() == 2).await;
+    assert_eq!(names, ["ghost", "alive"]);
+    let users = alive
+        .userlist_until(|u| !u.contains(&"ghost".to_owned()))
+        .await;
+    assert_eq!(users, ["alive"]);
+    assert_eq!(ghost.ended().await, Ended::Closed(1001));
+    alive.say("still here").await;
+    assert_eq!(alive.chats(1).await[0].2, "still here");
+    cluster.shutdown().await;
+}
+
+/// A client that starts a frame and never finishes it is closed (1008)
+/// after the frame timeout, instead of holding its buffer for ever.
+async fn a_half_sent_frame_is_timed_out(mode: Mode) {
+    use tokio::io::AsyncWriteExt;
+    let cluster = Cluster::builder()
+        .mode(mode)
+        .gateway_config(|c| c.frame_timeout = std::time::Duration::from_millis(300))
+        .start()
+        .await;
+    let mut half = Client::connect(&cluster.ws_url(0)).await;
+    // A masked text frame announcing 1000 bytes, of which 10 are sent.
+    let mut frame = vec![0x81, 0x80 | 126, 0x03, 0xe8, 1, 2, 3, 4];
+    frame.extend_from_slice(&[b'x'; 10]);
+    match half.ws.get_mut() {
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => tcp.write_all(&frame).await.unwrap(),
+        _ => unreachable!("plain ws"),
+    }
+    assert_eq!(half.ended().await, Ended::Closed(1008));
+    let mut other = Client::connect(&cluster.ws_url(0)).await;
+    other.say("unaffected").await;
+    assert_eq!(other.chats(1).await[0].2, "unaffected");
+    cluster.shutdown().await;
+}
+
+/// Nobody can take the name of someone online (and post as them); the
+/// name is free again once its holder leaves.
+async fn a_name_held_by_someone_online_is_refused(mode: Mode) {
+    let cluster = Cluster::builder().mode(mode).gateways(2).start().await;
+    let mut ann = Client::connect(&cluster.ws_url(0)).await;
+    let mut mallory = Client::connect(&cluster.ws_url(1)).await;
+    ann.alias("ann").await;
+    mallory.userlist_until(|u| u == ["ann"]).await;
+    mallory.alias("ann").await;
+    let v = mallory.next_of("Error").await;
+    assert_eq!(v["Code"], "alias_taken", "{v}");
+    ann.alias("ann").await; // Renaming to one's own name is fine.
+    drop(ann);
+    mallory.userlist_until(|u| u.is_empty()).await;
+    mallory.alias("ann").await;
+    mallory.userlist_until(|u| u == ["ann"]).await;
     cluster.shutdown().await;
 }
 

@@ -35,6 +35,15 @@ pub struct Limits {
     /// is closed (1008).
     #[arg(long, env = "SHAREDCONN_STALL_TIMEOUT_SECS", default_value_t = 30)]
     pub stall_timeout_secs: u64,
+    /// Seconds of silence before a client is pinged.
+    #[arg(long, env = "SHAREDCONN_PING_INTERVAL_SECS", default_value_t = 25)]
+    pub ping_interval_secs: u64,
+    /// Seconds a pinged client may stay silent before it is closed (1001).
+    #[arg(long, env = "SHAREDCONN_PONG_TIMEOUT_SECS", default_value_t = 20)]
+    pub pong_timeout_secs: u64,
+    /// Seconds a client may take to finish a frame it began (else 1008).
+    #[arg(long, env = "SHAREDCONN_FRAME_TIMEOUT_SECS", default_value_t = 10)]
+    pub frame_timeout_secs: u64,
     /// Milliseconds to find a hung worker or a cut link (HTTP/2 pings).
     #[arg(long, env = "SHAREDCONN_LINK_TIMEOUT_MS", default_value_t = 2000)]
     pub link_timeout_ms: u64,
@@ -57,6 +66,9 @@ impl Limits {
         config.socket_queue_bytes = self.socket_queue_bytes;
         config.stall_timeout = Duration::from_secs(self.stall_timeout_secs);
         config.link_timeout = Duration::from_millis(self.link_timeout_ms);
+        config.ping_interval = Duration::from_secs(self.ping_interval_secs);
+        config.pong_timeout = Duration::from_secs(self.pong_timeout_secs);
+        config.frame_timeout = Duration::from_secs(self.frame_timeout_secs);
         config.reattach_grace = Duration::from_secs(self.reattach_grace_secs);
         config.drain_grace = Duration::from_secs(self.drain_grace_secs);
     }

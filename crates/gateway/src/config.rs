@@ -64,6 +64,12 @@ pub struct Config {
     /// A write to a client that makes no progress for this long closes the
     /// socket (1008).
     pub stall_timeout: Duration,
+    /// A client silent this long is pinged; silent `pong_timeout` longer,
+    /// it is closed (1001), so a vanished client leaves the list.
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    /// A frame begun and not finished within this closes its socket (1008).
+    pub frame_timeout: Duration,
     /// The cluster's shared secret, sent in every `Hello`.
     pub link_token: Option<String>,
     /// A hung worker or a cut link is found within this (HTTP/2 pings).
@@ -94,6 +100,9 @@ impl Config {
             socket_queue: 1024,
             socket_queue_bytes: 1 << 20,
             stall_timeout: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(20),
+            frame_timeout: Duration::from_secs(10),
             link_token: None,
             link_timeout: Duration::from_secs(2),
             reattach_grace: Duration::from_secs(30),
@@ -120,6 +129,9 @@ impl Config {
         }
         if self.frames_per_sec == 0 || self.frame_burst == 0 {
             return bad("frame rate and burst must be positive");
+        }
+        if self.ping_interval.is_zero() || self.frame_timeout.is_zero() {
+            return bad("ping interval and frame timeout must be positive");
         }
         if self.link_timeout < Duration::from_millis(200) {
             return bad("link timeout must be at least 200 ms");

@@ -34,6 +34,10 @@ pub enum CloseReason {
     BadText,
     /// The client broke the WebSocket protocol.
     Protocol,
+    /// The client answered no ping for the keepalive timeout.
+    Unresponsive,
+    /// The client began a frame and did not finish it in time.
+    FrameTimeout,
 }
 
 impl CloseReason {
@@ -47,6 +51,8 @@ impl CloseReason {
             CloseReason::TooBig => CloseCode::Size,
             CloseReason::BadText => CloseCode::Invalid,
             CloseReason::Protocol => CloseCode::Protocol,
+            CloseReason::Unresponsive => CloseCode::Away,
+            CloseReason::FrameTimeout => CloseCode::Policy,
         }
     }
 
@@ -60,6 +66,8 @@ impl CloseReason {
             CloseReason::TooBig => "frame too large",
             CloseReason::BadText => "text frame is not valid UTF-8",
             CloseReason::Protocol => "websocket protocol error",
+            CloseReason::Unresponsive => "no answer to ping",
+            CloseReason::FrameTimeout => "frame not completed in time",
         }
     }
 }

@@ -19,14 +19,30 @@ use crate::io::{ReadIo, WriteIo};
 
 const OP_TEXT: u8 = 0x1;
 const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
 /// Control frame payloads are at most 125 bytes (RFC 6455 5.5).
 const MAX_CONTROL: usize = 125;
 
 /// The read half, as tungstenite wants it: a stream that also writes.
 /// Writes are dropped: tungstenite's automatic replies (pong, close) are
-/// sent by the session through [`FrameWriter`] instead.
-pub struct ReadHalf(pub ReadIo);
+/// sent by the session through [`FrameWriter`] instead. It counts the bytes
+/// read, so the session can tell a frame left half-sent.
+pub struct ReadHalf {
+    io: ReadIo,
+    read: u64,
+}
+
+impl ReadHalf {
+    pub fn new(io: ReadIo) -> Self {
+        ReadHalf { io, read: 0 }
+    }
+
+    /// Bytes read from the client so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.read
+    }
+}
 
 impl AsyncRead for ReadHalf {
     fn poll_read(
@@ -34,7 +50,10 @@ impl AsyncRead for ReadHalf {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        polled
     }
 }
 
@@ -95,6 +114,12 @@ impl FrameWriter {
             slices.push(IoSlice::new(f.as_bytes()));
         }
         self.write_all(&mut slices).await
+    }
+
+    /// Asks the client for a pong (keepalive).
+    pub async fn ping(&mut self) -> io::Result<()> {
+        let (h, n) = header(OP_PING, 0);
+        self.write_all(&mut [IoSlice::new(&h[..n])]).await
     }
 
     /// Answers a ping.

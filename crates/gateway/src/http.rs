@@ -179,7 +179,7 @@ fn upgrade(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Body> 
             .max_message_size(Some(gateway.config.max_frame_bytes))
             .max_frame_size(Some(gateway.config.max_frame_bytes));
         let reader = WebSocketStream::from_partially_read(
-            ReadHalf(read),
+            ReadHalf::new(read),
             leftover,
             Role::Server,
             Some(config),
@@ -201,7 +201,12 @@ fn upgrade(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Body> 
                     gateway.upstream.clone(),
                     limit,
                     gateway.drain.clone(),
-                    gateway.config.stall_timeout,
+                    session::Timing {
+                        stall: gateway.config.stall_timeout,
+                        ping_interval: gateway.config.ping_interval,
+                        pong_timeout: gateway.config.pong_timeout,
+                        frame_timeout: gateway.config.frame_timeout,
+                    },
                 )
                 .await;
                 debug!(ws_id, "socket closed");

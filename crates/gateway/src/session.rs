@@ -68,8 +68,20 @@ impl RateLimit {
     }
 }
 
+/// The session's clocks.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// A write that makes no progress for this long closes the socket (1008).
+    pub stall: Duration,
+    /// A client silent this long is pinged...
+    pub ping_interval: Duration,
+    /// ...and closed (1001) if it stays silent this much longer.
+    pub pong_timeout: Duration,
+    /// A frame begun and not finished within this closes the socket (1008).
+    pub frame_timeout: Duration,
+}
+
 /// Runs the socket until either side ends it, then tells the worker.
-/// A write that makes no progress for `stall` closes the socket (1008).
 pub async fn run(
     mut reader: Reader,
     mut writer: FrameWriter,
@@ -77,8 +89,17 @@ pub async fn run(
     upstream: Arc<Upstream>,
     mut limit: RateLimit,
     drain: CancellationToken,
-    stall: Duration,
+    timing: Timing,
 ) {
+    let stall = timing.stall;
+    // One timer per socket, for the keepalive and for half-sent frames.
+    let check_every =
+        (timing.frame_timeout.min(timing.ping_interval) / 2).max(Duration::from_millis(10));
+    let mut next_check = Instant::now() + check_every;
+    let mut heard = Instant::now();
+    let mut pinged = false;
+    let mut at_message = reader.get_ref().bytes_read();
+    let mut partial_since: Option<Instant> = None;
     let queue = &socket.queue;
     let ws_id = socket.ws_id;
     // One waiter for the whole session: the token is shared by every socket,
@@ -108,8 +129,47 @@ pub async fn run(
                     }
                 }
             },
+            _ = tokio::time::sleep_until(next_check) => {
+                let now = Instant::now();
+                next_check = now + check_every;
+                // Bytes came in since the last whole frame and no frame
+                // completed: a frame left half-sent holds its buffer.
+                if reader.get_ref().bytes_read() > at_message {
+                    let since = *partial_since.get_or_insert(now);
+                    if now - since >= timing.frame_timeout {
+                        break Some(CloseReason::FrameTimeout.into());
+                    }
+                } else {
+                    partial_since = None;
+                }
+                let silent = now - heard;
+                if silent >= timing.ping_interval + timing.pong_timeout {
+                    break Some(CloseReason::Unresponsive.into());
+                }
+                if silent >= timing.ping_interval && !pinged {
+                    pinged = true;
+                    tokio::select! {
+                        written = tokio::time::timeout(stall, writer.ping()) => match written {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => break None,
+                            Err(_) => break Some(CloseReason::TooSlow.into()),
+                        },
+                        kill = queue.killed() => break Some(kill),
+                        _ = &mut drained => break Some(CloseReason::GoingAway.into()),
+                    }
+                }
+            }
             _ = tokio::time::sleep_until(throttle.unwrap_or_else(Instant::now)), if throttle.is_some() => {}
-            msg = reader.next(), if throttle.is_none() => match msg {
+            msg = reader.next(), if throttle.is_none() => {
+                if let Some(Ok(_)) = &msg {
+                    // Anything whole from the client: it is alive, and no
+                    // frame is half-sent.
+                    heard = Instant::now();
+                    pinged = false;
+                    at_message = reader.get_ref().bytes_read();
+                    partial_since = None;
+                }
+                match msg {
                 Some(Ok(Message::Text(text))) => {
                     limit.take();
                     // Waits only while this client has too many frames in
@@ -152,6 +212,7 @@ pub async fn run(
                         break None;
                     }
                 },
+            }
             },
         }
     };

@@ -54,6 +54,8 @@ const PRIVATE_EVENT_QUEUE: usize = 64;
 /// not held back by round trips on the shared stream.
 const STREAM_WINDOW: u32 = 8 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
+/// Streams one connection may reset before h2 ends it (see `new_link`).
+const MAX_RESET_STREAMS: usize = 1 << 20;
 /// HTTP/2 connections per worker for private streams.
 const PRIVATE_CONNECTIONS: usize = 4;
 /// Sockets re-attached at once: a private-mode re-attach opens a stream
@@ -570,7 +572,10 @@ impl Upstream {
             .keep_alive_timeout(half)
             .keep_alive_while_idle(true)
             .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW);
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            // Private mode: a socket's stream is reset when its socket goes
+            // away mid-stream; thousands at once are churn, not abuse.
+            .http2_max_local_error_reset_streams(MAX_RESET_STREAMS);
         let connections = match self.mode {
             Mode::Shared => 1,
             Mode::Private => PRIVATE_CONNECTIONS,

@@ -46,8 +46,14 @@ pub struct Config {
     pub link_token: Option<String>,
     /// How long a stopping worker waits for gateways to move their sockets.
     pub drain_grace: Duration,
-    /// Approximate number of messages the Redis log keeps.
+    /// Approximate number of messages the log keeps (older ones are
+    /// trimmed; a replay that reaches past them is told with a Gap frame).
     pub max_log_messages: u64,
+    /// Posts per second this worker takes from all sockets together; past
+    /// it a post is answered `busy` (0: no ceiling).
+    pub max_posts_per_sec: u32,
+    /// The embedded log's page cache, in bytes.
+    pub cache_bytes: usize,
 }
 
 impl Config {
@@ -63,6 +69,8 @@ impl Config {
             link_token: None,
             drain_grace: Duration::from_secs(5),
             max_log_messages: 1_000_000,
+            max_posts_per_sec: 20_000,
+            cache_bytes: 64 << 20,
         }
     }
 }

@@ -67,8 +67,12 @@ pub async fn run(
         BackplaneKind::Embedded => {
             let backplane = backplane::embedded::Embedded::open(
                 &config.data_dir,
-                config.history,
-                config.presence_lease,
+                backplane::embedded::Options {
+                    history: config.history,
+                    lease: config.presence_lease,
+                    max_messages: config.max_log_messages,
+                    cache_bytes: config.cache_bytes,
+                },
             )?;
             info!(data_dir = %config.data_dir.display(), "embedded backplane");
             serve(listener, &config, backplane, shutdown).await
@@ -94,7 +98,8 @@ async fn serve<B: backplane::Backplane>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let addr = listener.local_addr()?;
-    let app = chat::Chat::new(backplane, config.history, config.userlist_interval);
+    let app = chat::Chat::new(backplane, config.history, config.userlist_interval)
+        .with_ingest_ceiling(config.max_posts_per_sec);
     let (runtime, inbox, health) = runtime::Runtime::new(app);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (runtime_done_tx, runtime_done) = tokio::sync::oneshot::channel::<()>();
@@ -112,6 +117,12 @@ async fn serve<B: backplane::Backplane>(
     let result = tonic::transport::Server::builder()
         // Private mode opens one stream per browser socket on one connection.
         .max_concurrent_streams(Some(link::MAX_STREAMS_PER_CONNECTION))
+        // Private mode: thousands of sockets closing at once reset as many
+        // streams. h2's defaults (20 pending, 1024 local) read that as an
+        // attack and end the whole connection; these limits are set for
+        // one stream per browser socket.
+        .http2_max_pending_accept_reset_streams(Some(link::MAX_RESET_STREAMS))
+        .http2_max_local_error_reset_streams(Some(link::MAX_RESET_STREAMS))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(service)

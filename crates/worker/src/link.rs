@@ -34,6 +34,9 @@ pub const STREAM_QUEUE: usize = 8192;
 pub const PRIVATE_STREAM_QUEUE: usize = 1024;
 /// Private mode opens one stream per browser socket on one HTTP/2 connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 1 << 20;
+/// Streams that may be reset on one connection before h2 calls it abuse: as
+/// many as one gateway's sockets may close at once.
+pub const MAX_RESET_STREAMS: usize = 1 << 20;
 /// Largest gRPC message we accept: a frame is at most 64 KiB by default at
 /// the gateway, plus framing.
 const MAX_MESSAGE: usize = 1 << 20;

@@ -35,9 +35,15 @@ struct Cli {
     /// Prefix of every Redis key (several chats can share one Redis).
     #[arg(long, env = "SHAREDCONN_REDIS_PREFIX", default_value = "sharedconn:")]
     redis_prefix: String,
-    /// Approximate number of messages the Redis log keeps.
+    /// Approximate number of messages the log keeps (older ones are trimmed).
     #[arg(long, env = "SHAREDCONN_MAX_LOG_MESSAGES", default_value_t = 1_000_000)]
     max_log_messages: u64,
+    /// Posts per second this worker takes (past it: `busy`); 0 for no ceiling.
+    #[arg(long, env = "SHAREDCONN_MAX_POSTS_PER_SEC", default_value_t = 20_000)]
+    max_posts_per_sec: u32,
+    /// The embedded log's page cache, in MiB.
+    #[arg(long, env = "SHAREDCONN_CACHE_MIB", default_value_t = 64)]
+    cache_mib: usize,
     /// Seconds a dead gateway's users stay in the online list.
     #[arg(long, env = "SHAREDCONN_PRESENCE_LEASE_SECS", default_value_t = 10)]
     presence_lease_secs: u64,
@@ -61,6 +67,8 @@ async fn main() -> anyhow::Result<()> {
     config.backplane = cli.backplane;
     config.redis_prefix = cli.redis_prefix;
     config.max_log_messages = cli.max_log_messages;
+    config.max_posts_per_sec = cli.max_posts_per_sec;
+    config.cache_bytes = cli.cache_mib << 20;
     config.presence_lease = Duration::from_secs(cli.presence_lease_secs.max(1));
     config.link_token = cli.link_token.filter(|t| !t.is_empty());
     config.drain_grace = Duration::from_secs(cli.drain_grace_secs);

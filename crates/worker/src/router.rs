@@ -23,6 +23,12 @@ use crate::app::{Frames, WsId};
 /// sockets (they stay open and replay what they missed).
 pub const MAX_QUEUED_IDS: usize = 4 << 20;
 
+/// A stream holding more IDs than this is congested: the runtime takes no
+/// new socket events or posts until it drains (see `Runtime::run`), so a
+/// gateway that cannot keep up slows the chat down instead of being cut.
+/// Well under [`MAX_QUEUED_IDS`], so what is already committed still fits.
+pub const CONGESTED_IDS: usize = MAX_QUEUED_IDS / 8;
+
 /// Identifies one link stream for the life of the worker process.
 pub type StreamId = u64;
 
@@ -149,6 +155,14 @@ impl Router {
     /// The stream `ws` is open on.
     pub fn stream_of(&self, ws: WsId) -> Option<StreamId> {
         self.sockets.get(&ws).map(|&(stream, _)| stream)
+    }
+
+    /// Whether some stream is too far behind to take more (see
+    /// [`CONGESTED_IDS`]).
+    pub fn congested(&self) -> bool {
+        self.streams
+            .values()
+            .any(|s| !s.cut && s.backlog.load(Ordering::Relaxed) > CONGESTED_IDS)
     }
 
     pub fn stream_count(&self) -> usize {

@@ -28,6 +28,8 @@ use crate::router::{Peer, Router, StreamId, StreamTx};
 pub const INBOX_CAPACITY: usize = 4096;
 /// Close code for a refused open: 1013, try again later.
 const REFUSED_CODE: u16 = 1013;
+/// How often a congested runtime looks whether its streams drained.
+const CONGESTION_POLL: Duration = Duration::from_millis(2);
 /// How often the worker logs what it holds.
 const STATUS_EVERY: Duration = Duration::from_secs(60);
 /// Longest a re-attaching gateway may hold back online lists: its sockets
@@ -121,17 +123,23 @@ impl<A: WebSocketApp> Runtime<A> {
             {
                 break;
             }
+            // Backpressure: while a gateway's stream is far behind, take no
+            // new events (posts wait in the inbox, then in HTTP/2 flow
+            // control, then in the senders' sockets) and deliver nothing
+            // more; the stream drains, and the chat goes on more slowly.
+            let congested = self.router.congested();
             // Unbiased: a steady stream of socket events (a join storm, many
             // senders) must not starve the application's own events, which
             // carry the broadcasts every client is waiting for.
             tokio::select! {
-                input = self.inbox.recv() => match input {
+                input = self.inbox.recv(), if !congested => match input {
                     Some(input) => self.apply(input).await,
                     None => break,
                 },
-                event = self.app.next_event() => {
+                event = self.app.next_event(), if !congested => {
                     self.app.on_event(event, &mut Outbox::new(&mut self.router)).await;
                 }
+                _ = tokio::time::sleep(CONGESTION_POLL), if congested => {}
                 _ = tick.tick() => self.housekeeping(),
                 _ = status.tick() => info!(
                     sockets = self.router.socket_count(),

@@ -42,9 +42,38 @@ const EVENT_QUEUE: usize = 256;
 const MAX_BATCH: usize = 1024;
 /// Fewest recent messages kept in memory.
 const MIN_CACHE: usize = 1024;
+/// Messages trimmed at once when the log is over its cap: trimming in steps
+/// (a quarter of the cap, at most 4096) keeps it off the path of most commits.
+fn trim_step(cap: u64) -> u64 {
+    (cap / 4).clamp(1, 4096)
+}
 /// Idempotency keys remembered by the writer: far more posts than can be in
 /// flight when a worker dies (each socket has a few unacknowledged at most).
 const KEY_MEMORY: usize = 64 * 1024;
+
+/// How the embedded log is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Recent messages sent to an opening socket (the cache holds more).
+    pub history: usize,
+    /// Users of a gateway with no stream left leave after this.
+    pub lease: Duration,
+    /// Messages the log keeps; older ones are trimmed.
+    pub max_messages: u64,
+    /// redb's page cache, in bytes.
+    pub cache_bytes: usize,
+}
+
+impl Options {
+    pub fn new(history: usize) -> Self {
+        Options {
+            history,
+            lease: Duration::from_secs(10),
+            max_messages: 1_000_000,
+            cache_bytes: 64 << 20,
+        }
+    }
+}
 
 pub struct Embedded {
     db: Arc<Database>,
@@ -66,11 +95,20 @@ pub struct Embedded {
 
 impl Embedded {
     /// Opens (or creates) `data_dir/chat.redb`.
-    /// Users of a gateway with no stream left leave after `lease`.
-    pub fn open(data_dir: &Path, history: usize, lease: Duration) -> Result<Self, Error> {
+    pub fn open(data_dir: &Path, options: Options) -> Result<Self, Error> {
+        let Options {
+            history,
+            lease,
+            max_messages,
+            cache_bytes,
+        } = options;
         std::fs::create_dir_all(data_dir)?;
         let path = data_dir.join("chat.redb");
-        let db = Arc::new(Database::create(&path)?);
+        let db = Arc::new(
+            Database::builder()
+                .set_cache_size(cache_bytes)
+                .create(&path)?,
+        );
         let txn = db.begin_write()?;
         txn.open_table(MESSAGES)?;
         let log_id = {
@@ -102,7 +140,7 @@ impl Embedded {
             .collect();
         let writer = std::thread::Builder::new()
             .name("message-log".into())
-            .spawn(move || write_loop(writer_db, last_id, keys, queue, events_tx))?;
+            .spawn(move || write_loop(writer_db, last_id, max_messages, keys, queue, events_tx))?;
         Ok(Embedded {
             db,
             posts: Some(posts),
@@ -175,6 +213,10 @@ impl Backplane for Embedded {
 
     fn users(&self) -> Vec<String> {
         self.users.list()
+    }
+
+    fn alias_holder(&self, alias: &str, ws: WsId) -> Option<WsId> {
+        self.users.held_by_other(alias, ws)
     }
 
     fn healthy(&self) -> bool {
@@ -279,6 +321,7 @@ fn read_range(
 fn write_loop(
     db: Arc<Database>,
     mut last_id: u64,
+    max_messages: u64,
     keys: HashMap<String, u64>,
     mut queue: mpsc::Receiver<NewMessage>,
     events: mpsc::Sender<Event>,
@@ -313,7 +356,12 @@ fn write_loop(
             }));
             fresh.push(m);
         }
-        let outcome = match commit(&db, &stored) {
+        // Retention: the oldest messages go once the log holds a trim step
+        // more than its cap, in the same transaction as the new ones.
+        let new_last = last_id + stored.len() as u64;
+        let trim =
+            (new_last > max_messages).then(|| (new_last - max_messages, trim_step(max_messages)));
+        let outcome = match commit(&db, &stored, trim) {
             Ok(()) => {
                 last_id += stored.len() as u64;
                 for m in &stored {
@@ -368,7 +416,11 @@ impl KeyMemory {
     }
 }
 
-fn commit(db: &Database, messages: &[Arc<StoredMessage>]) -> Result<(), Error> {
+fn commit(
+    db: &Database,
+    messages: &[Arc<StoredMessage>],
+    trim: Option<(u64, u64)>,
+) -> Result<(), Error> {
     if messages.is_empty() {
         return Ok(());
     }
@@ -378,7 +430,60 @@ fn commit(db: &Database, messages: &[Arc<StoredMessage>]) -> Result<(), Error> {
         for m in messages {
             table.insert(m.id, serde_json::to_vec(m.as_ref())?.as_slice())?;
         }
+        // `trim`: the first id to keep, and the fewest to drop at once.
+        if let Some((below, step)) = trim
+            && table
+                .first()?
+                .is_some_and(|(first, _)| first.value() + step <= below)
+        {
+            table.retain_in(..below, |_, _| false)?;
+        }
     }
     txn.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::ReadableTableMetadata;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_log_keeps_its_cap_and_history_starts_at_the_edge() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = Options::new(50);
+        options.max_messages = 8;
+        let mut log = Embedded::open(dir.path(), options).unwrap();
+        for i in 0..40u64 {
+            log.post(NewMessage {
+                from: 1,
+                seq: i,
+                key: format!("k{i}"),
+                author: "ann".into(),
+                message: "aGk=".into(),
+            })
+            .unwrap();
+            // One commit per post, so the trim runs as it would in a chat.
+            loop {
+                if let Event::Stored(_) = log.next_event().await {
+                    break;
+                }
+            }
+        }
+        assert_eq!(log.last_id(), 40);
+        let txn = log.db.begin_read().unwrap();
+        let table = txn.open_table(MESSAGES).unwrap();
+        let first = table.first().unwrap().unwrap().0.value();
+        let kept = table.len().unwrap();
+        assert!(first > 1, "the oldest messages were trimmed");
+        assert!(kept <= 8 + trim_step(8), "kept {kept}");
+        drop((table, txn));
+        // Reopened, history reaches back only to the edge.
+        drop(log);
+        let mut log = Embedded::open(dir.path(), options).unwrap();
+        let old = log.history(0, 40, 100).unwrap();
+        assert_eq!(old.last().unwrap().id, 40);
+        assert!(old.first().unwrap().id > 1, "trimmed messages are gone");
+    }
 }

@@ -104,6 +104,9 @@ pub trait Backplane: Send + 'static {
     fn remove_user(&mut self, ws: WsId, boot: u64);
     /// The online list: one alias per socket that set one, oldest first.
     fn users(&self) -> Vec<String>;
+    /// A socket other than `ws` listed under `alias`, as far as this worker
+    /// knows (with Redis, other workers' renames arrive within milliseconds).
+    fn alias_holder(&self, alias: &str, ws: WsId) -> Option<WsId>;
     /// Queues a message for the log; see the module docs. Never waits: a full
     /// queue is `Error::LogBusy`, answered to the sender.
     fn post(&mut self, message: NewMessage) -> Result<(), Error>;

@@ -12,6 +12,8 @@ use crate::app::WsId;
 pub struct PresenceTable {
     by_ws: HashMap<WsId, Presence>,
     order: BTreeMap<(u64, WsId), Arc<str>>,
+    /// Who holds each alias (more than one only in a race between workers).
+    by_alias: HashMap<Arc<str>, Vec<WsId>>,
 }
 
 impl PresenceTable {
@@ -23,6 +25,10 @@ impl PresenceTable {
         self.remove(user.ws);
         self.order
             .insert((user.opened_ms, user.ws), user.alias.clone());
+        self.by_alias
+            .entry(user.alias.clone())
+            .or_default()
+            .push(user.ws);
         self.by_ws.insert(user.ws, user);
         true
     }
@@ -32,6 +38,12 @@ impl PresenceTable {
         match self.by_ws.remove(&ws) {
             Some(old) => {
                 self.order.remove(&(old.opened_ms, ws));
+                if let Some(holders) = self.by_alias.get_mut(&old.alias) {
+                    holders.retain(|w| *w != ws);
+                    if holders.is_empty() {
+                        self.by_alias.remove(&old.alias);
+                    }
+                }
                 true
             }
             None => false,
@@ -61,6 +73,13 @@ impl PresenceTable {
         let changed = next.order != self.order;
         *self = next;
         changed
+    }
+
+    /// A socket other than `ws` listed under `alias`.
+    pub fn held_by_other(&self, alias: &str, ws: WsId) -> Option<WsId> {
+        self.by_alias
+            .get(alias)
+            .and_then(|holders| holders.iter().copied().find(|w| *w != ws))
     }
 
     /// Aliases, oldest socket first.
@@ -102,6 +121,9 @@ mod tests {
         assert_eq!(t.list(), ["early", "renamed", "late"]);
         assert!(t.remove_boot(1));
         assert_eq!(t.list(), ["early"]);
+        assert_eq!(t.held_by_other("early", 1), Some(9));
+        assert_eq!(t.held_by_other("early", 9), None);
         assert!(!t.replace(vec![user(9, 2, "early", 100)]));
+        assert_eq!(t.held_by_other("renamed", 1), None);
     }
 }

@@ -710,6 +710,10 @@ impl Backplane for RedisBackplane {
         self.users.list()
     }
 
+    fn alias_holder(&self, alias: &str, ws: WsId) -> Option<WsId> {
+        self.users.held_by_other(alias, ws)
+    }
+
     fn post(&mut self, message: NewMessage) -> Result<(), Error> {
         if !self.healthy.load(Ordering::Relaxed) {
             return Err(Error::LogUnavailable);

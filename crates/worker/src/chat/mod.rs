@@ -47,6 +47,41 @@ pub struct Chat<B> {
     /// here, and live messages start after it: no gap, no duplicate.
     last_delivered: u64,
     userlist: UserlistState,
+    /// The worker's ceiling on posts per second (all sockets together).
+    ingest: Ingest,
+}
+
+/// A token bucket over posts: past the ceiling, a post is answered `busy`
+/// rather than queued, so a flood has a clear limit and a clear answer.
+struct Ingest {
+    per_sec: f64,
+    tokens: f64,
+    updated: Instant,
+}
+
+impl Ingest {
+    fn new(per_sec: u32) -> Self {
+        Ingest {
+            per_sec: per_sec.into(),
+            tokens: per_sec.into(),
+            updated: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        if self.per_sec <= 0.0 {
+            return true;
+        }
+        let elapsed = now.duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.per_sec);
+        self.updated = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 struct Socket {
@@ -83,7 +118,14 @@ impl<B: Backplane> Chat<B> {
                 frame: None,
                 held: false,
             },
+            ingest: Ingest::new(0),
         }
+    }
+
+    /// Caps the posts this worker takes per second (0: no cap).
+    pub fn with_ingest_ceiling(mut self, per_sec: u32) -> Self {
+        self.ingest = Ingest::new(per_sec);
+        self
     }
 
     fn users_changed(&mut self) {
@@ -207,11 +249,24 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
     }
 
     async fn on_frame(&mut self, ws: WsId, seq: u64, text: &str, out: &mut Outbox<'_>) -> Handled {
-        let Some(socket) = self.sockets.get_mut(&ws) else {
+        if !self.sockets.contains_key(&ws) {
             return Handled::Now;
-        };
+        }
         match rules::parse(text) {
             Ok(ClientFrame::User(alias)) => {
+                let taken = alias != DEFAULT_ALIAS
+                    && (self.backplane.alias_holder(&alias, ws).is_some()
+                        || self.sockets.iter().any(|(other, s)| {
+                            *other != ws && s.alias.as_deref() == Some(alias.as_str())
+                        }));
+                if taken {
+                    let text = "that name is used by someone online; pick another";
+                    out.write(ws, rules::error_frame("alias_taken", text));
+                    return Handled::Now;
+                }
+                let Some(socket) = self.sockets.get_mut(&ws) else {
+                    return Handled::Now;
+                };
                 let alias: Arc<str> = alias.into();
                 socket.alias = Some(alias.clone());
                 let user = Presence {
@@ -226,6 +281,14 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
                 Handled::Now
             }
             Ok(ClientFrame::Message(message)) => {
+                if !self.ingest.take(Instant::now()) {
+                    let text = "the chat is taking all the messages it can; message not stored, send it again";
+                    out.write(ws, rules::error_frame("busy", text));
+                    return Handled::Now;
+                }
+                let Some(socket) = self.sockets.get(&ws) else {
+                    return Handled::Now;
+                };
                 let author = socket.alias.clone().unwrap_or_else(|| DEFAULT_ALIAS.into());
                 let post = NewMessage {
                     from: ws,
@@ -394,7 +457,7 @@ mod tests {
         mpsc::Receiver<sharedconn_proto::WorkerCommand>,
     ) {
         let chat = Chat::new(
-            Embedded::open(dir, 50, Duration::from_secs(10)).unwrap(),
+            Embedded::open(dir, crate::backplane::embedded::Options::new(50)).unwrap(),
             50,
             Duration::from_millis(100),
         );
