@@ -1,5 +1,6 @@
 //! Worker settings. The binary fills them from flags and environment.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -48,6 +49,8 @@ pub struct Config {
     pub drain_grace: Duration,
     /// Approximate number of messages the Redis log keeps.
     pub max_log_messages: u64,
+    /// Where to serve `/metrics` and `/healthz` over HTTP (`None`: nowhere).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -63,6 +66,7 @@ impl Config {
             link_token: None,
             drain_grace: Duration::from_secs(5),
             max_log_messages: 1_000_000,
+            metrics_listen: None,
         }
     }
 }
