@@ -46,6 +46,8 @@ async fn main() -> anyhow::Result<()> {
     sharedconn_common::panic::exit_on_panic();
     let cli = Cli::parse();
     sharedconn_common::fdlimit::raise_nofile_limit();
+    // One recorder for both halves: the gateway's /metrics shows the worker's too.
+    sharedconn_common::metrics::install();
 
     let mut worker_config = sharedconn_worker::Config::new(&cli.data_dir);
     worker_config.history = cli.history;

@@ -615,6 +615,7 @@ async fn a_post_sent_twice_with_one_key_is_stored_once() {
         key: key.to_owned(),
         author: "ann".into(),
         message: support::b64(text),
+        posted: std::time::Instant::now(),
     };
     let mut committed = Vec::new();
     for m in [post("k1", "once"), post("k1", "once"), post("k2", "twice")] {

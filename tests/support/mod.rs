@@ -49,6 +49,7 @@ pub struct ClusterBuilder {
     gateways: usize,
     history: usize,
     tweak: fn(&mut sharedconn_gateway::Config),
+    worker_metrics: bool,
 }
 
 impl ClusterBuilder {
@@ -67,6 +68,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// Gives the worker a metrics listener (`/metrics`, `/healthz`); its
+    /// address is [`Cluster::worker_metrics_addr`].
+    pub fn worker_metrics(mut self) -> Self {
+        self.worker_metrics = true;
+        self
+    }
+
     /// Adjusts every gateway's configuration (limits, queue sizes).
     pub fn gateway_config(mut self, tweak: fn(&mut sharedconn_gateway::Config)) -> Self {
         self.tweak = tweak;
@@ -82,12 +90,20 @@ impl ClusterBuilder {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let worker_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let worker_addr = worker_listener.local_addr().unwrap();
+        // The worker binds this address itself: take a free port and let go.
+        let worker_metrics_addr = self.worker_metrics.then(|| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        });
         let mut cluster = Cluster {
             mode: self.mode,
             history: self.history,
             tweak: self.tweak,
             data_dir,
             worker_addr,
+            worker_metrics_addr,
             worker: None,
             gateway_addrs: Vec::new(),
             gateways: Vec::new(),
@@ -113,6 +129,7 @@ pub struct Cluster {
     tweak: fn(&mut sharedconn_gateway::Config),
     data_dir: tempfile::TempDir,
     worker_addr: SocketAddr,
+    worker_metrics_addr: Option<SocketAddr>,
     worker: Option<Running>,
     gateway_addrs: Vec<SocketAddr>,
     gateways: Vec<Option<Running>>,
@@ -125,6 +142,7 @@ impl Cluster {
             gateways: 1,
             history: 50,
             tweak: |_| {},
+            worker_metrics: false,
         }
     }
 
@@ -140,9 +158,16 @@ impl Cluster {
         self.gateway_addrs[i]
     }
 
+    /// The worker's metrics listener, when the builder asked for one.
+    pub fn worker_metrics_addr(&self) -> SocketAddr {
+        self.worker_metrics_addr
+            .expect("the cluster was built without worker_metrics()")
+    }
+
     fn spawn_worker(&self, listener: TcpListener) -> Running {
         let mut config = sharedconn_worker::Config::new(self.data_dir.path());
         config.history = self.history;
+        config.metrics_listen = self.worker_metrics_addr;
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(async move {
             sharedconn_worker::run(listener, config, async {

@@ -2,9 +2,11 @@
 //!
 //! Modules:
 //! - [`fdlimit`]: raise the open-file limit at start, and read it.
+//! - [`metrics`]: the process's Prometheus recorder, installed and rendered.
 //! - [`panic`]: the binaries' panic hook, which logs and ends the process.
 
 pub mod fdlimit;
+pub mod metrics;
 pub mod panic;
 
 use std::net::SocketAddr;

@@ -18,6 +18,7 @@ use crate::Gateway;
 use crate::frames::{FrameWriter, ReadHalf};
 use crate::handshake::{self, Refusal};
 use crate::io::ServerIo;
+use crate::metrics;
 use crate::session::{self, RateLimit};
 
 /// The chat page, served from the binary: no other asset, no CDN.
@@ -94,6 +95,17 @@ pub async fn handle(
                 text(StatusCode::SERVICE_UNAVAILABLE, "no worker linked\n")
             }
         }
+        (&Method::GET, "/metrics") => match metrics::scrape(gateway.upstream.link_queues()) {
+            Some(page) => {
+                let mut r = Response::new(Full::new(Bytes::from(page)));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(sharedconn_common::metrics::CONTENT_TYPE),
+                );
+                r
+            }
+            None => text(StatusCode::NOT_FOUND, "metrics are not enabled\n"),
+        },
         (_, p) if WS_PATHS.contains(&p) => upgrade(gateway, req),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
@@ -125,6 +137,7 @@ fn upgrade(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Body> 
         Ok(key) => key,
         Err(refusal) => {
             debug!(?refusal, origin = ?req.headers().get(header::ORIGIN), "handshake refused");
+            metrics::upgrade_refused(refusal.status().as_u16());
             let mut r = text(refusal.status(), refusal.text());
             if refusal == Refusal::Version {
                 r.headers_mut().insert(
@@ -137,12 +150,14 @@ fn upgrade(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Body> 
     };
     // Admission before any work: a full gateway says so plainly.
     let Ok(permit) = gateway.permits.clone().try_acquire_owned() else {
+        metrics::upgrade_refused(503);
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "gateway is full, try again later\n",
         );
     };
     if !gateway.upstream.ready() {
+        metrics::upgrade_refused(503);
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "no worker available, try again later\n",
@@ -186,6 +201,7 @@ fn upgrade(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Body> 
         )
         .await;
         let ws_id = gateway.next_ws_id();
+        metrics::socket_opened();
         // Boxed: attaching (a gRPC call in private mode) needs far more state
         // than the session that follows, and a task is as big as its
         // biggest state for its whole life.
@@ -212,6 +228,7 @@ fn upgrade(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Body> 
                 debug!(ws_id, "socket closed");
             }
             Err(reason) => {
+                metrics::socket_closed(Some(reason.code().into()));
                 let _ = writer.close(reason.code().into(), reason.text()).await;
             }
         }

@@ -23,6 +23,7 @@
 //! - [`handshake`]: the strict upgrade checks; [`origin`]: the `Origin` allow-list.
 //! - [`tls`]: https/wss with a PEM certificate; [`io`]: a plain or TLS connection.
 //! - [`accept`]: the socket budget and answering when file descriptors run out.
+//! - [`metrics`]: what is recorded for Prometheus (served at `/metrics`).
 //! - [`config`], [`error`]: settings, and the one place errors become close codes;
 //!   [`cli`]: the limits as flags, for the binaries.
 
@@ -34,6 +35,7 @@ pub mod frames;
 pub mod handshake;
 pub mod http;
 pub mod io;
+pub mod metrics;
 pub mod origin;
 pub mod queue;
 pub mod session;
@@ -104,6 +106,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     config.validate()?;
+    metrics::describe();
     let tag = config
         .gateway_tag
         .unwrap_or_else(|| rand::random::<u32>().max(1));

@@ -59,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
     sharedconn_common::panic::exit_on_panic();
     let cli = Cli::parse();
     sharedconn_common::fdlimit::raise_nofile_limit();
+    sharedconn_common::metrics::install();
     let listen = cli.listen;
     let config = cli.config().context("invalid configuration")?;
     config.validate().context("invalid configuration")?;

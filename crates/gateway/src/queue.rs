@@ -166,6 +166,7 @@ impl SocketQueue {
                     st.behind = true;
                     st.fetching = false;
                     result = Push::Behind;
+                    crate::metrics::socket_overflowed();
                     if id != 0 {
                         continue;
                     }

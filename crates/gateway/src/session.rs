@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use crate::error::CloseReason;
 use crate::frames::{FrameWriter, ReadHalf};
+use crate::metrics::SessionCounters;
 use crate::queue::{Kill, Next};
 use crate::socket::Socket;
 use crate::upstream::Upstream;
@@ -102,6 +103,7 @@ pub async fn run(
     let mut partial_since: Option<Instant> = None;
     let queue = &socket.queue;
     let ws_id = socket.ws_id;
+    let counters = SessionCounters::new();
     // One waiter for the whole session: the token is shared by every socket,
     // and a fresh `cancelled()` each turn would lock its waiter list each turn.
     let drained = drain.cancelled_owned();
@@ -114,13 +116,16 @@ pub async fn run(
             next = queue.next(&mut batch, WRITE_BATCH) => match next {
                 Err(kill) => break Some(kill),
                 // Behind, and all written: fetch what was missed.
-                Ok(Next::Fetch(after)) => upstream.fetch(&socket, after).await,
+                Ok(Next::Fetch(after)) => {
+                    counters.fetch();
+                    upstream.fetch(&socket, after).await
+                }
                 Ok(Next::Frames) => {
                     // A write to a slow client may block; it must not keep the
                     // socket from being killed or drained.
                     tokio::select! {
                         written = tokio::time::timeout(stall, writer.text(&batch)) => match written {
-                            Ok(Ok(())) => {}
+                            Ok(Ok(())) => counters.written(&batch),
                             Ok(Err(_)) => break None,
                             Err(_) => break Some(CloseReason::TooSlow.into()),
                         },
@@ -172,6 +177,7 @@ pub async fn run(
                 match msg {
                 Some(Ok(Message::Text(text))) => {
                     limit.take();
+                    counters.frame_in();
                     // Waits only while this client has too many frames in
                     // flight (its worker is away or slow): it is read no
                     // faster, and nobody else waits.
@@ -216,6 +222,7 @@ pub async fn run(
             },
         }
     };
+    crate::metrics::socket_closed(close.as_ref().map(|k| k.code));
     if let Some(kill) = close {
         debug!(ws_id, code = kill.code, reason = %kill.reason, "closing socket");
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.close(kill.code, &kill.reason)).await;

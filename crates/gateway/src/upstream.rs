@@ -211,6 +211,17 @@ impl Upstream {
         self.table.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
+    /// Events queued on each linked worker's shared (or control) stream.
+    pub fn link_queues(&self) -> Vec<(SocketAddr, usize)> {
+        self.workers()
+            .iter()
+            .filter_map(|w| {
+                let live = w.live.read().unwrap_or_else(|e| e.into_inner()).clone()?;
+                Some((w.addr, live.events.max_capacity() - live.events.capacity()))
+            })
+            .collect()
+    }
+
     fn socket(&self, ws: u64) -> Option<Arc<Socket>> {
         self.table
             .read()
@@ -551,6 +562,7 @@ impl Upstream {
             match self.new_link(addr, index) {
                 Ok(link) => {
                     info!(worker = %addr, host = %target.host, "worker found");
+                    crate::metrics::worker_linked(addr, false);
                     tokio::spawn(self.clone().keep_linked(link.clone()));
                     workers.push(link);
                 }
@@ -614,6 +626,7 @@ impl Upstream {
     }
 
     fn unlink(&self, worker: &WorkerLink) {
+        crate::metrics::worker_linked(worker.addr, false);
         let live = worker
             .live
             .write()
@@ -673,6 +686,7 @@ impl Upstream {
         };
         *worker.live.write().unwrap_or_else(|e| e.into_inner()) = Some(stream.clone());
         info!(worker = %worker.addr, log = %log, resuming, "worker linked");
+        crate::metrics::worker_linked(worker.addr, true);
         self.moved.notify_one();
         loop {
             match commands.message().await {
@@ -724,6 +738,7 @@ impl Upstream {
             self.flush_closes().await;
             let waiting =
                 std::mem::take(&mut *self.detached.lock().unwrap_or_else(|e| e.into_inner()));
+            crate::metrics::sockets_waiting(waiting.len());
             if waiting.is_empty() {
                 continue;
             }
@@ -768,6 +783,8 @@ impl Upstream {
                 let _ = events.send(event(Event::Synced(Synced {}))).await;
             }
             let left = left.into_inner().unwrap_or_default();
+            crate::metrics::sockets_reattached(count - left.len());
+            crate::metrics::sockets_waiting(left.len());
             info!(
                 sockets = count - left.len(),
                 waiting = left.len(),

@@ -1,5 +1,6 @@
 //! Worker settings. The binary fills them from flags and environment.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -54,6 +55,8 @@ pub struct Config {
     pub max_posts_per_sec: u32,
     /// The embedded log's page cache, in bytes.
     pub cache_bytes: usize,
+    /// Where to serve `/metrics` and `/healthz` over HTTP (`None`: nowhere).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -71,6 +74,7 @@ impl Config {
             max_log_messages: 1_000_000,
             max_posts_per_sec: 20_000,
             cache_bytes: 64 << 20,
+            metrics_listen: None,
         }
     }
 }

@@ -21,13 +21,17 @@
 //! - [`router`]: WebSocket ID → stream, and the per-stream send queues.
 //! - [`link`]: the gRPC service; protobuf stays at this edge.
 //! - [`runtime`]: the single task that drives the application.
+//! - [`metrics`]: what is recorded for Prometheus; [`admin`]: the optional
+//!   HTTP listener serving it and `/healthz`.
 
+pub mod admin;
 pub mod app;
 pub mod backplane;
 pub mod chat;
 pub mod config;
 pub mod error;
 pub mod link;
+pub mod metrics;
 pub mod router;
 pub mod runtime;
 
@@ -101,6 +105,14 @@ async fn serve<B: backplane::Backplane>(
     let app = chat::Chat::new(backplane, config.history, config.userlist_interval)
         .with_ingest_ceiling(config.max_posts_per_sec);
     let (runtime, inbox, health) = runtime::Runtime::new(app);
+    metrics::describe();
+    let admin = match config.metrics_listen {
+        Some(addr) => Some(tokio::spawn(admin::serve(
+            admin_listener(addr).await?,
+            health.clone(),
+        ))),
+        None => None,
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (runtime_done_tx, runtime_done) = tokio::sync::oneshot::channel::<()>();
     let grace = config.drain_grace;
@@ -137,8 +149,25 @@ async fn serve<B: backplane::Backplane>(
         })
         .await;
     let _ = runtime.await;
+    if let Some(admin) = admin {
+        // Waits until its port is free again, for a worker started next.
+        admin.abort();
+        let _ = admin.await;
+    }
     info!("worker stopped");
     result.map_err(Error::Transport)
+}
+
+/// Binds the metrics listener, naming the address when that fails.
+async fn admin_listener(addr: std::net::SocketAddr) -> Result<TcpListener, Error> {
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {addr} for metrics: {e}"),
+        ))
+    })?;
+    info!(addr = %listener.local_addr()?, "metrics listening");
+    Ok(listener)
 }
 
 /// Keeps the gRPC health service in step with the backplane.

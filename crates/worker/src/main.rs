@@ -53,6 +53,9 @@ struct Cli {
     /// Seconds a stopping worker waits for gateways to move their sockets.
     #[arg(long, env = "SHAREDCONN_DRAIN_GRACE_SECS", default_value_t = 5)]
     drain_grace_secs: u64,
+    /// Address for HTTP `/metrics` (Prometheus) and `/healthz`; off when unset.
+    #[arg(long, env = "SHAREDCONN_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -61,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
     sharedconn_common::panic::exit_on_panic();
     let cli = Cli::parse();
     sharedconn_common::fdlimit::raise_nofile_limit();
+    sharedconn_common::metrics::install();
     let mut config = sharedconn_worker::Config::new(cli.data_dir);
     config.history = cli.history;
     config.userlist_interval = Duration::from_millis(cli.userlist_interval_ms);
@@ -72,6 +76,7 @@ async fn main() -> anyhow::Result<()> {
     config.presence_lease = Duration::from_secs(cli.presence_lease_secs.max(1));
     config.link_token = cli.link_token.filter(|t| !t.is_empty());
     config.drain_grace = Duration::from_secs(cli.drain_grace_secs);
+    config.metrics_listen = cli.metrics_listen;
     let listener = sharedconn_common::listen(cli.listen)
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
     sharedconn_worker::run(listener, config, sharedconn_common::shutdown_signal())

@@ -176,6 +176,7 @@ impl Router {
     /// Writes `frames`, in order, to one socket, as one command.
     pub fn write_frames(&mut self, ws: WsId, frames: Frames) {
         if let Some(&(stream, _)) = self.sockets.get(&ws) {
+            crate::metrics::deliver(1);
             self.push(
                 stream,
                 Command::Deliver(Deliver {
@@ -291,6 +292,7 @@ impl Router {
     }
 
     fn send(&mut self, stream: StreamId, ws_ids: Vec<WsId>, text: Bytes, id: u64) {
+        crate::metrics::deliver(ws_ids.len());
         let deliver = Deliver {
             ws_ids,
             texts: vec![text],
@@ -336,6 +338,7 @@ impl Router {
                     "stream queue full, cutting the stream"
                 );
                 s.cut = true;
+                crate::metrics::stream_cut();
                 if let Some(cut) = s.cut_tx.take() {
                     let _ = cut.send(());
                 }

@@ -163,6 +163,8 @@ impl<A: WebSocketApp> Runtime<A> {
 
     fn housekeeping(&mut self) {
         let healthy = self.app.healthy();
+        crate::metrics::backplane_healthy(healthy);
+        crate::metrics::held(self.router.stream_count(), self.router.socket_count());
         self.health
             .send_if_modified(|h| std::mem::replace(h, healthy) != healthy);
         let before = self.resuming.len();

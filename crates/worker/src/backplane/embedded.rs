@@ -337,6 +337,7 @@ fn write_loop(
             }
         }
         let sent = rules::sent_stamp(time::OffsetDateTime::now_utc());
+        let posted: Vec<_> = batch.iter().map(|m| m.posted).collect();
         let mut acks = Vec::with_capacity(batch.len());
         let mut fresh = Vec::with_capacity(batch.len());
         let mut stored: Vec<Arc<StoredMessage>> = Vec::with_capacity(batch.len());
@@ -364,6 +365,7 @@ fn write_loop(
         let outcome = match commit(&db, &stored, trim) {
             Ok(()) => {
                 last_id += stored.len() as u64;
+                crate::metrics::posts_committed(posted);
                 for m in &stored {
                     keys.insert(m.key.clone(), m.id);
                 }
@@ -371,6 +373,7 @@ fn write_loop(
             }
             Err(e) => {
                 error!(error = %e, messages = fresh.len(), "message log write failed");
+                crate::metrics::backplane_error("commit");
                 vec![Event::Rejected {
                     messages: fresh,
                     code: "not_stored",
@@ -462,6 +465,7 @@ mod tests {
                 key: format!("k{i}"),
                 author: "ann".into(),
                 message: "aGk=".into(),
+                posted: std::time::Instant::now(),
             })
             .unwrap();
             // One commit per post, so the trim runs as it would in a chat.

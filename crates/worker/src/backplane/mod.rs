@@ -42,6 +42,8 @@ pub struct NewMessage {
     /// Unique per post across the cluster and gateway restarts: a post sent
     /// again with the same key is stored once.
     pub key: String,
+    /// When the chat posted it: the post-to-commit latency starts here.
+    pub posted: std::time::Instant,
     pub author: Arc<str>,
     /// Base64, as the client sent it (checked).
     pub message: String,

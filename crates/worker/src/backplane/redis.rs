@@ -323,6 +323,9 @@ fn parse_entry(entry: &redis::streams::StreamId) -> Option<StoredMessage> {
 /// Records Redis's health, logging only the changes.
 fn set_health(healthy: &AtomicBool, ok: bool, what: &str, error: Option<&redis::RedisError>) {
     let was = healthy.swap(ok, Ordering::Relaxed);
+    if !ok {
+        crate::metrics::backplane_error(what);
+    }
     match (was, ok) {
         (true, false) => {
             warn!(error = %error.map(|e| e.to_string()).unwrap_or_default(), what, "Redis unavailable")
@@ -380,6 +383,9 @@ async fn post_loop(
                 Err(e) => break Err(e),
             }
         };
+        if outcome.is_ok() {
+            crate::metrics::posts_committed(batch.iter().map(|m| m.posted));
+        }
         let event = match outcome {
             Ok(_) => Inner::Stored(batch.drain(..).map(|m| (m.from, m.seq)).collect()),
             Err(e) => {

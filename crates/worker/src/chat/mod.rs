@@ -142,6 +142,7 @@ impl<B: Backplane> Chat<B> {
             sockets = out.open_sockets(),
             "online list sent"
         );
+        crate::metrics::online_users(users.len());
         self.userlist
             .pacer
             .sent(Instant::now(), frame.len(), out.open_sockets());
@@ -295,6 +296,7 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
                     seq,
                     // Unique across gateway runs and retries of this frame.
                     key: format!("{:016x}:{ws:x}:{seq}", socket.boot),
+                    posted: std::time::Instant::now(),
                     author,
                     message,
                 };
@@ -313,6 +315,7 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
                         rules::error_frame("not_stored", "message could not be stored")
                     }
                 };
+                crate::metrics::posts_refused(1);
                 out.write(ws, refused);
                 Handled::Now
             }
@@ -401,6 +404,7 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
                     }
                     out.broadcast(rules::chat_frame(&m), m.id);
                     self.last_delivered = m.id;
+                    crate::metrics::message_committed();
                 }
             }
             ChatEvent::Backplane(backplane::Event::Stored(acks)) => {
@@ -413,6 +417,7 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
                 code,
                 reason,
             }) => {
+                crate::metrics::posts_refused(messages.len());
                 for m in messages {
                     out.write(m.from, rules::error_frame(code, &reason));
                     out.ack(m.from, m.seq);
