@@ -10,16 +10,20 @@
 #                                        host-built target/release/{gateway,worker}.
 #   3. sharedconn/haproxy:local          HAProxy from Debian's package on that base,
 #                                        standing in for the official haproxy image.
-#   4. deploy/tls/sharedconn.pem         a self-signed certificate for localhost, for
+#   4. sharedconn/redis:local            Redis from Debian's package on that base,
+#                                        standing in for the official redis:7 image.
+#   5. deploy/tls/sharedconn.pem         a self-signed certificate for localhost, for
 #                                        the optional TLS frontend (deploy/haproxy/tls.cfg,
 #                                        deploy/docker-compose.tls.yml). Kept once made.
 #
-# Then: docker-compose -f docker-compose.yml -f deploy/docker-compose.local.yml up
+# Then: docker-compose -f docker-compose.yml -f deploy/docker-compose.local.yml up -d --no-build
+# (Prometheus, the optional profile `metrics`, has no local image.)
 #
 # Idempotent: cargo and docker's layer cache make a second run a no-op in seconds.
 # Environment:
 #   SHAREDCONN_IMAGE          runtime image tag        (default sharedconn:latest)
 #   SHAREDCONN_LOCAL_HAPROXY  haproxy image tag        (default sharedconn/haproxy:local)
+#   SHAREDCONN_LOCAL_REDIS    redis image tag          (default sharedconn/redis:local)
 #   SHAREDCONN_BASE_IMAGE     base image tag           (default sharedconn/debian-base:bookworm)
 #   DEBIAN_MIRROR             mirror for debootstrap   (default: from /etc/apt/sources.list*)
 #   SHAREDCONN_SKIP_CARGO=1   use target/release/{gateway,worker} as they are
@@ -33,6 +37,7 @@ SUITE=bookworm
 BASE_IMAGE=${SHAREDCONN_BASE_IMAGE:-sharedconn/debian-base:${SUITE}}
 APP_IMAGE=${SHAREDCONN_IMAGE:-sharedconn:latest}
 HAPROXY_IMAGE=${SHAREDCONN_LOCAL_HAPROXY:-sharedconn/haproxy:local}
+REDIS_IMAGE=${SHAREDCONN_LOCAL_REDIS:-sharedconn/redis:local}
 
 log() { echo "local-images: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -67,7 +72,21 @@ else
     # the images never carry stale binaries.
     log "cargo build --release (gateway, worker)"
     t=$SECONDS
-    (cd "$ROOT" && cargo build --release --bins -p sharedconn-gateway -p sharedconn-worker)
+    # Run from a test (`cargo test`, nextest), the environment holds the
+    # test package's CARGO_PKG_*, CARGO_MANIFEST_DIR and the like; cargo
+    # compares some of them with what the last build saw (env-dep), and
+    # a build from the shell and one from a test would each rebuild the
+    # binaries. Neither needs them: drop them for this cargo.
+    (
+        cd "$ROOT"
+        for v in $(compgen -e); do
+            case "$v" in
+                CARGO_PKG_* | CARGO_BIN_EXE_* | CARGO_CRATE_* | CARGO_MANIFEST_* | \
+                    CARGO_PRIMARY_PACKAGE | CARGO_TARGET_TMPDIR | OUT_DIR) unset "$v" ;;
+            esac
+        done
+        cargo build --release --bins -p sharedconn-gateway -p sharedconn-worker
+    )
     log "binaries ready in $(elapsed $t)"
 fi
 # The binaries are `gateway` and `worker` in the image whatever cargo names
@@ -242,5 +261,12 @@ if [ -s "$TLS_PEM" ]; then
         "$HAPROXY_IMAGE" haproxy -c -q -f /usr/local/etc/haproxy/haproxy.cfg -f /usr/local/etc/haproxy/tls.cfg \
         || die "deploy/haproxy/tls.cfg does not parse with $HAPROXY_IMAGE"
 fi
-log "haproxy image $HAPROXY_IMAGE ready in $(elapsed $t) ($(docker run --rm "$HAPROXY_IMAGE" haproxy -v | head -n1))"
-log "done: $APP_IMAGE, $HAPROXY_IMAGE (base $BASE_IMAGE)"
+log "haproxy image $HAPROXY_IMAGE ready in $(elapsed $t) ($(docker run --rm "$HAPROXY_IMAGE" haproxy -v | sed -n 1p))"
+
+# --- 6. redis image --------------------------------------------------------------
+# Layer cache: after the first build, a rerun only checks the base's id.
+t=$SECONDS
+quiet_build "$REDIS_IMAGE" --build-arg "BASE=$BASE_IMAGE" \
+    -f "$ROOT/deploy/local/redis.Dockerfile" "$ROOT/deploy/local"
+log "redis image $REDIS_IMAGE ready in $(elapsed $t) ($(docker run --rm "$REDIS_IMAGE" redis-server --version | cut -d' ' -f1-3))"
+log "done: $APP_IMAGE, $HAPROXY_IMAGE, $REDIS_IMAGE (base $BASE_IMAGE)"
