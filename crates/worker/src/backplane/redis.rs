@@ -152,7 +152,7 @@ pub struct RedisBackplane {
     last_id: u64,
     log_id: String,
     users: PresenceTable,
-    healthy: Arc<AtomicBool>,
+    healthy: Arc<Health>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -194,7 +194,7 @@ impl RedisBackplane {
         };
         info!(url = %config.url, log_id = %epoch, last_id, "message log open in Redis");
 
-        let healthy = Arc::new(AtomicBool::new(true));
+        let healthy = Arc::new(Health::default());
         let wake = Arc::new(Notify::new());
         let (posts, post_rx) = mpsc::channel(POST_QUEUE);
         let (presence, presence_rx) = mpsc::unbounded_channel();
@@ -320,9 +320,43 @@ fn parse_entry(entry: &redis::streams::StreamId) -> Option<StoredMessage> {
     })
 }
 
+/// Whether Redis answers, and since when it has not.
+#[derive(Default)]
+struct Health {
+    down: AtomicBool,
+    /// When it went down, in ms on the process's monotonic clock.
+    down_since: std::sync::atomic::AtomicU64,
+}
+
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+impl Health {
+    fn up(&self) -> bool {
+        !self.down.load(Ordering::Relaxed)
+    }
+
+    /// Down for longer than a post is retried: new posts are refused at
+    /// once rather than queued behind ones that will fail. A shorter
+    /// outage (a Redis restart) is ridden out by the retries.
+    fn refusing(&self) -> bool {
+        !self.up()
+            && clock_ms().saturating_sub(self.down_since.load(Ordering::Relaxed))
+                > POST_RETRY_FOR.as_millis() as u64
+    }
+}
+
 /// Records Redis's health, logging only the changes.
-fn set_health(healthy: &AtomicBool, ok: bool, what: &str, error: Option<&redis::RedisError>) {
-    let was = healthy.swap(ok, Ordering::Relaxed);
+fn set_health(healthy: &Health, ok: bool, what: &str, error: Option<&redis::RedisError>) {
+    let was = !healthy.down.swap(!ok, Ordering::Relaxed);
+    if was && !ok {
+        healthy.down_since.store(clock_ms(), Ordering::Relaxed);
+    }
     if !ok {
         crate::metrics::backplane_error(what);
     }
@@ -342,7 +376,7 @@ async fn post_loop(
     max_log: u64,
     mut queue: mpsc::Receiver<NewMessage>,
     events: mpsc::Sender<Inner>,
-    healthy: Arc<AtomicBool>,
+    healthy: Arc<Health>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.recv().await {
@@ -413,7 +447,7 @@ async fn follow(
     scripts: Arc<Scripts>,
     mut cursor: Cursor,
     events: mpsc::Sender<Inner>,
-    healthy: Arc<AtomicBool>,
+    healthy: Arc<Health>,
     wake: Arc<Notify>,
 ) {
     // A blocking read holds its connection: it gets one of its own, with a
@@ -513,7 +547,7 @@ async fn presence_loop(
     mut ops: mpsc::UnboundedReceiver<PresenceOp>,
     wake: Arc<Notify>,
     events: mpsc::Sender<Inner>,
-    healthy: Arc<AtomicBool>,
+    healthy: Arc<Health>,
 ) {
     let lease_ms = lease.as_millis() as u64;
     let mut held: HashSet<u64> = HashSet::new();
@@ -721,7 +755,7 @@ impl Backplane for RedisBackplane {
     }
 
     fn post(&mut self, message: NewMessage) -> Result<(), Error> {
-        if !self.healthy.load(Ordering::Relaxed) {
+        if self.healthy.refusing() {
             return Err(Error::LogUnavailable);
         }
         self.posts.try_send(message).map_err(|e| match e {
@@ -760,7 +794,7 @@ impl Backplane for RedisBackplane {
     }
 
     fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.healthy.up()
     }
 
     async fn next_event(&mut self) -> Event {
