@@ -653,3 +653,36 @@ async fn a_post_sent_twice_with_one_key_is_stored_once() {
         Some(":2")
     );
 }
+
+/// The only worker hangs (SIGSTOP) for seconds while clients post as fast
+/// as they may, then resumes: nobody is cut, nothing is lost or doubled,
+/// and nobody is told of a gap. What the clients sent meanwhile waited at
+/// the gateway (each client is read more slowly once it has 32 frames in
+/// flight), so the burst when the worker resumes is bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_worker_with_flooding_clients_cuts_nobody() {
+    let stack = Stack::start(Mode::Shared, false, 1, 1).await;
+    let (mut peers, names) = stack.peers(5).await;
+    let marks = list_marks(&peers);
+    let mut sent = chat(&mut peers, 3, Duration::from_millis(10), "before").await;
+    stack.workers[0].proc.stop();
+    // Flood while it hangs: every peer at its allowed rate (100 frames/s).
+    let stopped = Instant::now();
+    let mut round = 0;
+    while stopped.elapsed() < Duration::from_secs(3) {
+        sent.extend(
+            chat(
+                &mut peers,
+                1,
+                Duration::from_millis(10),
+                &format!("flood{round}"),
+            )
+            .await,
+        );
+        round += 1;
+    }
+    eprintln!("{} posts sent while the worker hung", sent.len());
+    stack.workers[0].proc.cont();
+    check_everyone_saw(&peers, &sent).await;
+    assert_no_flap(&peers, &marks, &names);
+}
