@@ -9,7 +9,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sharedconn_proto::gateway_event::Event;
 use sharedconn_proto::worker_server::{Worker, WorkerServer};
@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::app::OpenInfo;
-use crate::router::{Peer, StreamId, command_weight};
+use crate::router::{Backlog, MAX_QUEUED_BYTES_PRIVATE, MAX_QUEUED_BYTES_SHARED, Peer, StreamId};
 use crate::runtime::Input;
 
 /// Commands queued towards one stream. A shared stream carries every socket
@@ -97,7 +97,10 @@ impl Worker for LinkService {
         };
         let (tx, rx) = mpsc::channel(capacity);
         let (cut, cut_rx) = oneshot::channel();
-        let backlog = Arc::new(AtomicUsize::new(0));
+        let backlog = Arc::new(Backlog::new(match mode {
+            Mode::Private => MAX_QUEUED_BYTES_PRIVATE,
+            _ => MAX_QUEUED_BYTES_SHARED,
+        }));
         if self
             .inbox
             .send(Input::StreamUp {
@@ -137,7 +140,7 @@ impl Worker for LinkService {
 struct Commands {
     queue: ReceiverStream<WorkerCommand>,
     /// Shared with the router, which adds what it queues.
-    backlog: Arc<AtomicUsize>,
+    backlog: Arc<Backlog>,
     cut: Option<oneshot::Receiver<()>>,
 }
 
@@ -160,9 +163,11 @@ impl tokio_stream::Stream for Commands {
             }
         }
         let next = Pin::new(&mut self.queue).poll_next(cx);
-        if let Poll::Ready(Some(command)) = &next {
-            let ids = command.command.as_ref().map_or(1, command_weight);
-            self.backlog.fetch_sub(ids, Ordering::Relaxed);
+        if let Poll::Ready(Some(WorkerCommand {
+            command: Some(command),
+        })) = &next
+        {
+            self.backlog.sent(command);
         }
         next.map(|c| c.map(Ok))
     }

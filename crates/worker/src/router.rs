@@ -29,6 +29,46 @@ pub const MAX_QUEUED_IDS: usize = 4 << 20;
 /// Well under [`MAX_QUEUED_IDS`], so what is already committed still fits.
 pub const CONGESTED_IDS: usize = MAX_QUEUED_IDS / 8;
 
+/// Bytes of frames queued towards one private stream (one socket) before it
+/// is cut: the worst-case memory a slow socket costs the worker. Its gateway
+/// re-attaches it, and it replays from the log.
+pub const MAX_QUEUED_BYTES_PRIVATE: usize = 1 << 20;
+/// The same for a shared stream, which carries a whole gateway.
+pub const MAX_QUEUED_BYTES_SHARED: usize = 256 << 20;
+
+/// What is queued towards one stream and not yet taken by its response:
+/// counted by the router as it queues, by the response as it sends.
+#[derive(Debug)]
+pub struct Backlog {
+    pub ids: AtomicUsize,
+    pub bytes: AtomicUsize,
+    pub max_bytes: usize,
+}
+
+impl Backlog {
+    pub fn new(max_bytes: usize) -> Self {
+        Backlog {
+            ids: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_bytes,
+        }
+    }
+
+    /// Takes a sent command off the count.
+    pub fn sent(&self, command: &Command) {
+        self.ids
+            .fetch_sub(command_weight(command), Ordering::Relaxed);
+        self.bytes
+            .fetch_sub(command_bytes(command), Ordering::Relaxed);
+    }
+}
+
+impl Default for Backlog {
+    fn default() -> Self {
+        Backlog::new(MAX_QUEUED_BYTES_SHARED)
+    }
+}
+
 /// Identifies one link stream for the life of the worker process.
 pub type StreamId = u64;
 
@@ -46,9 +86,9 @@ pub struct Peer {
 struct Stream {
     tx: StreamTx,
     peer: Peer,
-    /// WebSocket IDs in commands queued for this stream and not yet taken
-    /// by its response (see [`MAX_QUEUED_IDS`]).
-    backlog: Arc<AtomicUsize>,
+    /// What is queued for this stream and not yet taken by its response
+    /// (see [`MAX_QUEUED_IDS`], [`Backlog::max_bytes`]).
+    backlog: Arc<Backlog>,
     /// Tells the response to end with `RESOURCE_EXHAUSTED` at once, ahead
     /// of whatever is queued.
     cut_tx: Option<oneshot::Sender<()>>,
@@ -77,7 +117,7 @@ impl Router {
         id: StreamId,
         peer: Peer,
         tx: StreamTx,
-        backlog: Arc<AtomicUsize>,
+        backlog: Arc<Backlog>,
         cut_tx: oneshot::Sender<()>,
     ) {
         self.streams.insert(
@@ -162,7 +202,7 @@ impl Router {
     pub fn congested(&self) -> bool {
         self.streams
             .values()
-            .any(|s| !s.cut && s.backlog.load(Ordering::Relaxed) > CONGESTED_IDS)
+            .any(|s| !s.cut && s.backlog.ids.load(Ordering::Relaxed) > CONGESTED_IDS)
     }
 
     pub fn stream_count(&self) -> usize {
@@ -316,9 +356,12 @@ impl Router {
             return;
         }
         let ids = command_weight(&command);
-        // The queue's length bounds commands; this bounds what they hold: a
-        // broadcast to 10,000 sockets carries 10,000 IDs.
-        let over_budget = s.backlog.load(Ordering::Relaxed) + ids > MAX_QUEUED_IDS;
+        let bytes = command_bytes(&command);
+        // The queue's length bounds commands; these bound what they hold: a
+        // broadcast to 10,000 sockets carries 10,000 IDs, a history replay
+        // hundreds of kilobytes.
+        let over_budget = s.backlog.ids.load(Ordering::Relaxed) + ids > MAX_QUEUED_IDS
+            || s.backlog.bytes.load(Ordering::Relaxed) + bytes > s.backlog.max_bytes;
         let message = WorkerCommand {
             command: Some(command),
         };
@@ -329,7 +372,8 @@ impl Router {
         };
         match sent {
             Ok(()) => {
-                s.backlog.fetch_add(ids, Ordering::Relaxed);
+                s.backlog.ids.fetch_add(ids, Ordering::Relaxed);
+                s.backlog.bytes.fetch_add(bytes, Ordering::Relaxed);
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 warn!(
@@ -346,6 +390,15 @@ impl Router {
             // The response went away; the stream reader reports it down soon.
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+    }
+}
+
+/// The frame bytes a command carries (shared between the sockets it names,
+/// so counted once).
+pub fn command_bytes(command: &Command) -> usize {
+    match command {
+        Command::Deliver(d) => d.texts.iter().map(|t| t.len()).sum(),
+        _ => 0,
     }
 }
 
@@ -369,19 +422,37 @@ mod tests {
         let mut router = Router::default();
         let (tx, mut rx) = mpsc::channel(16);
         let (cut_tx, mut cut_rx) = oneshot::channel();
-        let backlog = Arc::new(AtomicUsize::new(0));
+        let backlog = Arc::new(Backlog::default());
         router.add_stream(1, PEER, tx, backlog.clone(), cut_tx);
         assert!(router.add_socket(7, 1));
         assert!(router.add_socket(8, 1));
         router.broadcast(Bytes::from_static(b"hi"), 0);
-        assert_eq!(backlog.load(Ordering::Relaxed), 2);
+        assert_eq!(backlog.ids.load(Ordering::Relaxed), 2);
         assert!(rx.try_recv().is_ok());
         assert!(cut_rx.try_recv().is_err(), "not cut yet");
         // The response fell this far behind: the next broadcast cuts it.
-        backlog.store(MAX_QUEUED_IDS - 1, Ordering::Relaxed);
+        backlog.ids.store(MAX_QUEUED_IDS - 1, Ordering::Relaxed);
         router.broadcast(Bytes::from_static(b"again"), 0);
         assert!(cut_rx.try_recv().is_ok(), "cut");
         assert!(rx.try_recv().is_err(), "nothing queued past the budget");
+    }
+
+    #[test]
+    fn a_private_stream_over_its_byte_budget_is_cut() {
+        let mut router = Router::default();
+        let (tx, _rx) = mpsc::channel(1024);
+        let (cut_tx, mut cut_rx) = oneshot::channel();
+        let backlog = Arc::new(Backlog::new(MAX_QUEUED_BYTES_PRIVATE));
+        router.add_stream(1, PEER, tx, backlog.clone(), cut_tx);
+        assert!(router.add_socket(7, 1));
+        let big = Bytes::from(vec![b'x'; 300 * 1024]);
+        for _ in 0..3 {
+            router.broadcast(big.clone(), 0);
+        }
+        assert!(cut_rx.try_recv().is_err(), "900 KiB fits");
+        router.broadcast(big, 0);
+        assert!(cut_rx.try_recv().is_ok(), "1.2 MiB does not");
+        assert!(backlog.bytes.load(Ordering::Relaxed) <= MAX_QUEUED_BYTES_PRIVATE);
     }
 
     #[test]

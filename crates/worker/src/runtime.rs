@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -46,7 +45,7 @@ pub enum Input {
         /// The gateway will re-attach sockets and then send `Synced`.
         resuming: bool,
         tx: StreamTx,
-        backlog: Arc<AtomicUsize>,
+        backlog: Arc<crate::router::Backlog>,
         cut: oneshot::Sender<()>,
     },
     StreamDown {
