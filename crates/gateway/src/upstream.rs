@@ -60,7 +60,7 @@ const MAX_RESET_STREAMS: usize = 1 << 20;
 const PRIVATE_CONNECTIONS: usize = 4;
 /// Sockets re-attached at once: a private-mode re-attach opens a stream
 /// each, and 10,000 opening together would be a storm.
-const REATTACH_CONCURRENCY: usize = 64;
+const REATTACH_CONCURRENCY: usize = 256;
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// How often worker addresses are resolved again.

@@ -243,14 +243,7 @@ impl Backplane for Embedded {
         let cached_from = self.cache.front().map_or(u64::MAX, |m| m.id);
         let wanted_from = upto.saturating_sub(limit as u64).max(after) + 1;
         if wanted_from >= cached_from || self.last_id == 0 {
-            let picked: Vec<_> = self
-                .cache
-                .iter()
-                .filter(|m| m.id > after && m.id <= upto)
-                .cloned()
-                .collect();
-            let skip = picked.len().saturating_sub(limit);
-            return Ok(picked.into_iter().skip(skip).collect());
+            return Ok(super::recent(&self.cache, after, upto, limit));
         }
         Ok(read_range(&self.db, after, upto, limit)?.into())
     }

@@ -130,3 +130,20 @@ pub trait Backplane: Send + 'static {
     /// Waits for the next event. Cancel-safe.
     fn next_event(&mut self) -> impl Future<Output = Event> + Send;
 }
+
+/// Up to `limit` messages of `cache` (oldest first) with `after < id <= upto`:
+/// the most recent ones when more match.
+pub(crate) fn recent(
+    cache: &std::collections::VecDeque<Arc<StoredMessage>>,
+    after: u64,
+    upto: u64,
+    limit: usize,
+) -> Vec<Arc<StoredMessage>> {
+    let picked: Vec<_> = cache
+        .iter()
+        .filter(|m| m.id > after && m.id <= upto)
+        .cloned()
+        .collect();
+    let skip = picked.len().saturating_sub(limit);
+    picked.into_iter().skip(skip).collect()
+}

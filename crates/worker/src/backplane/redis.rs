@@ -599,14 +599,7 @@ async fn presence_loop(
         pause_until = None;
         let result: redis::RedisResult<()> = async {
             for (boot, tag) in ups.clone() {
-                scripts
-                    .presence
-                    .key(&keys.gateways)
-                    .key(&keys.tags)
-                    .key(&keys.notify)
-                    .arg(&keys.users_prefix)
-                    .arg(lease_ms)
-                    .arg("up")
+                presence_call(&scripts, &keys, lease_ms, "up")
                     .arg(boot_key(boot))
                     .arg(format!("{tag:08x}"))
                     .invoke_async::<u64>(&mut conn)
@@ -638,13 +631,7 @@ async fn presence_loop(
                 reload_due = true;
             }
             if renew_due && !held.is_empty() {
-                let mut call = scripts.presence.prepare_invoke();
-                call.key(&keys.gateways)
-                    .key(&keys.tags)
-                    .key(&keys.notify)
-                    .arg(&keys.users_prefix)
-                    .arg(lease_ms)
-                    .arg("renew");
+                let mut call = presence_call(&scripts, &keys, lease_ms, "renew");
                 for boot in &held {
                     call.arg(boot_key(*boot));
                 }
@@ -652,14 +639,7 @@ async fn presence_loop(
             }
             renew_due = false;
             if reap_due {
-                let purged: u64 = scripts
-                    .presence
-                    .key(&keys.gateways)
-                    .key(&keys.tags)
-                    .key(&keys.notify)
-                    .arg(&keys.users_prefix)
-                    .arg(lease_ms)
-                    .arg("reap")
+                let purged: u64 = presence_call(&scripts, &keys, lease_ms, "reap")
                     .invoke_async(&mut conn)
                     .await?;
                 if purged > 0 {
@@ -693,6 +673,23 @@ async fn presence_loop(
             }
         }
     }
+}
+
+/// A call of `presence.lua` with its keys and common arguments.
+fn presence_call<'a>(
+    scripts: &'a Scripts,
+    keys: &Keys,
+    lease_ms: u64,
+    op: &str,
+) -> redis::ScriptInvocation<'a> {
+    let mut call = scripts.presence.prepare_invoke();
+    call.key(&keys.gateways)
+        .key(&keys.tags)
+        .key(&keys.notify)
+        .arg(&keys.users_prefix)
+        .arg(lease_ms)
+        .arg(op);
+    call
 }
 
 /// `{ boot, { ws, "opened_ms alias", ... }, ... }` from `users.lua`.
@@ -775,14 +772,7 @@ impl Backplane for RedisBackplane {
         }
         // The cache holds the newest messages, more than any replay sends;
         // older ones are announced as a gap by the caller.
-        let picked: Vec<_> = self
-            .cache
-            .iter()
-            .filter(|m| m.id > after && m.id <= upto)
-            .cloned()
-            .collect();
-        let skip = picked.len().saturating_sub(limit);
-        Ok(picked.into_iter().skip(skip).collect())
+        Ok(super::recent(&self.cache, after, upto, limit))
     }
 
     fn last_id(&self) -> u64 {
