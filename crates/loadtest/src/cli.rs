@@ -269,6 +269,11 @@ pub struct FailoverArgs {
     /// Most seconds to wait after sending for the last deliveries.
     #[arg(long, default_value_t = 20.0)]
     pub drain: f64,
+    /// Seconds between the last connect and the first post, so the joins'
+    /// online lists (a 10,000-name list to each of 10,000 sockets) are not
+    /// measured as chat latency.
+    #[arg(long, default_value_t = 1.0)]
+    pub settle: f64,
     /// Extra argument for the gateway (repeatable).
     #[arg(long = "gateway-arg", allow_hyphen_values = true)]
     pub gateway_args: Vec<String>,

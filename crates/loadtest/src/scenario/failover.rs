@@ -53,8 +53,6 @@ const LATENCY_MAX_US: u64 = 3_600_000_000;
 const DRAIN_QUIET: Duration = Duration::from_secs(3);
 /// How long the gateway may take to link to the second worker.
 const LINK_WAIT: Duration = Duration::from_secs(20);
-/// Seconds between connecting and the first post (userlist traffic settles).
-const SETTLE: Duration = Duration::from_secs(1);
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Percentiles of one per-socket quantity, milliseconds.
@@ -130,6 +128,11 @@ pub struct FailoverReport {
     pub duplicates: u64,
     pub one_order: bool,
     pub error_frames: u64,
+    pub first_error_frame: Option<String>,
+    /// Seconds from the end of sending until the drain ended.
+    pub drain_secs: f64,
+    /// The drain ended because nothing arrived for a while (not all arrived).
+    pub drain_went_quiet: bool,
     pub closed_by_server: CloseTally,
     pub cpu: Vec<CpuWindows>,
     pub connect_failed: usize,
@@ -170,6 +173,7 @@ pub async fn run(args: &FailoverArgs, quiet: bool) -> anyhow::Result<FailoverSum
     seconds("before", args.before, 600.0)?;
     seconds("after", args.after, 600.0)?;
     seconds("drain", args.drain, 600.0)?;
+    seconds("settle", args.settle, 600.0)?;
     ensure!(args.before >= 0.5, "--before must be at least 0.5 s");
     ensure!(args.connect_rate > 0.0 && args.connect_concurrency > 0);
     let planned = ((args.rate * (args.before + args.after)).round() as u64).max(1);
@@ -242,6 +246,7 @@ struct Ctx {
     sent: AtomicU64,
     writers_done: AtomicUsize,
     error_frames: AtomicU64,
+    first_error_frame: Mutex<Option<String>>,
     closes: CloseLog,
     /// Unix nanos of the fault (0 before it).
     fault_nanos: AtomicU64,
@@ -374,6 +379,7 @@ async fn measure(
         sent: AtomicU64::new(0),
         writers_done: AtomicUsize::new(0),
         error_frames: AtomicU64::new(0),
+        first_error_frame: Mutex::new(None),
         closes: CloseLog::default(),
         fault_nanos: AtomicU64::new(0),
         window_end_nanos: AtomicU64::new(0),
@@ -457,7 +463,7 @@ async fn measure(
     .await;
     let connected = ctx.connect.connected();
     let connect = ctx.connect.report(args.clients);
-    tokio::time::sleep(SETTLE).await;
+    tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
 
     // Send; the fault after --before seconds.
     let watched = [
@@ -522,6 +528,7 @@ async fn measure(
     let expected = sent * connected as u64;
     progress.set_phase("drain", expected);
     let mut last = (ctx.book.delivered(), Instant::now());
+    let drain_start = Instant::now();
     wait_until(
         Instant::now() + Duration::from_secs_f64(args.drain),
         || {
@@ -534,6 +541,8 @@ async fn measure(
         || progress.set(ctx.book.delivered()),
     )
     .await;
+    let drain_secs = drain_start.elapsed().as_secs_f64();
+    let drain_went_quiet = ctx.book.delivered() < expected;
     ctx.stop.cancel();
     progress.finish();
 
@@ -630,6 +639,13 @@ async fn measure(
         duplicates: totals.duplicates,
         one_order: totals.one_order(),
         error_frames: ctx.error_frames.load(Ordering::Relaxed),
+        first_error_frame: ctx
+            .first_error_frame
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
+        drain_secs,
+        drain_went_quiet,
         closed_by_server: ctx.closes.closed(),
         cpu,
         connect_failed: connect.failed,
@@ -765,6 +781,10 @@ async fn read_loop<S>(
                 }
                 FrameKind::Error => {
                     ctx.error_frames.fetch_add(1, Ordering::Relaxed);
+                    ctx.first_error_frame
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert_with(|| wire::error_text(&text));
                 }
                 _ => {}
             },
@@ -894,6 +914,19 @@ pub fn text(r: &FailoverReport) -> String {
         r.one_order,
         r.error_frames,
         r.closed_by_server
+    );
+    out += &format!(
+        "  drain {:.1} s{}{}\n",
+        r.drain_secs,
+        if r.drain_went_quiet {
+            " (ended: nothing arrived for 3 s)"
+        } else {
+            ""
+        },
+        r.first_error_frame
+            .as_deref()
+            .map(|e| format!("; first error frame: {e}"))
+            .unwrap_or_default()
     );
     out += "  CPU cores before -> during:";
     for c in &r.cpu {
