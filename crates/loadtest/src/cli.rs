@@ -61,6 +61,10 @@ pub enum Command {
     },
     /// Run one scenario against baseline, shared and private mode; table, JSON and SVG.
     Compare(CompareArgs),
+    /// Worker failover: Redis + 2 workers + 1 gateway, chat going, one worker
+    /// killed (or stopped, or drained); how fast its sockets resume, and what
+    /// the chat lost.
+    Failover(FailoverArgs),
     /// The no-hop reference server: single-process broadcast chat, same client protocol.
     Baseline {
         /// Address to listen on.
@@ -204,7 +208,91 @@ pub struct JoinArgs {
     pub timeout: f64,
 }
 
-/// The three things `compare` measures side by side.
+/// What happens to the victim worker in `failover`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fault {
+    /// SIGKILL: the gateway sees the TCP reset at once.
+    Kill,
+    /// SIGSTOP: a hang, found by the link's HTTP/2 keepalive (--link-timeout-ms).
+    Stop,
+    /// SIGTERM: the worker drains, asking the gateway to move its sockets.
+    Term,
+}
+
+impl Fault {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Kill => "kill",
+            Fault::Stop => "stop",
+            Fault::Term => "term",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+pub struct FailoverArgs {
+    /// Gateway modes to measure, one fresh cluster each, in this order.
+    #[arg(long, value_delimiter = ',', default_value = "shared,private")]
+    pub modes: Vec<String>,
+    /// Faults to inject, one fresh cluster each per mode.
+    #[arg(long, value_delimiter = ',', default_value = "kill")]
+    pub faults: Vec<Fault>,
+    /// Rounds of every (mode, fault).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Sockets; the first half is attached to the victim worker (the only
+    /// worker up while they connect), the second half to the other.
+    #[arg(long, short = 'c', default_value_t = 1000)]
+    pub clients: usize,
+    /// Senders, alternating between the two halves.
+    #[arg(long, short = 's', default_value_t = 4)]
+    pub senders: usize,
+    /// Aggregate posts per second.
+    #[arg(long, short = 'r', default_value_t = 20.0)]
+    pub rate: f64,
+    /// Seconds of steady chat before the fault (the "before" CPU window).
+    #[arg(long, default_value_t = 4.0)]
+    pub before: f64,
+    /// Seconds of chat after the fault (the failover window).
+    #[arg(long, default_value_t = 6.0)]
+    pub after: f64,
+    /// The gateway's --link-timeout-ms (HTTP/2 keepalive: how soon a hung worker is found).
+    #[arg(long, default_value_t = 2000)]
+    pub link_timeout_ms: u64,
+    /// Client connections opened per second.
+    #[arg(long, default_value_t = 2000.0)]
+    pub connect_rate: f64,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: usize,
+    /// Most seconds to wait after sending for the last deliveries.
+    #[arg(long, default_value_t = 20.0)]
+    pub drain: f64,
+    /// Seconds between the last connect and the first post, so the joins'
+    /// online lists (a 10,000-name list to each of 10,000 sockets) are not
+    /// measured as chat latency.
+    #[arg(long, default_value_t = 1.0)]
+    pub settle: f64,
+    /// Extra argument for the gateway (repeatable).
+    #[arg(long = "gateway-arg", allow_hyphen_values = true)]
+    pub gateway_args: Vec<String>,
+    /// Extra argument for both workers (repeatable).
+    #[arg(long = "worker-arg", allow_hyphen_values = true)]
+    pub worker_args: Vec<String>,
+    /// Where `gateway` and `worker` are (default: next to this binary).
+    #[arg(long, env = "LOADTEST_BIN_DIR")]
+    #[serde(skip)]
+    pub bin_dir: Option<PathBuf>,
+    /// Where JSON and server logs go.
+    #[arg(long, default_value = "target/loadtest")]
+    #[serde(skip)]
+    pub out_dir: PathBuf,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// The things `compare` measures side by side.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum, Serialize, Deserialize,
 )]
@@ -216,6 +304,11 @@ pub enum Mode {
     Shared,
     /// gateway --mode private + worker.
     Private,
+    /// `--cluster-gateways` gateways --mode shared, `--cluster-workers`
+    /// workers sharing one chat through a redis-server backplane.
+    SharedCluster,
+    /// The same cluster with gateways in --mode private.
+    PrivateCluster,
 }
 
 impl Mode {
@@ -224,7 +317,23 @@ impl Mode {
             Mode::Baseline => "baseline",
             Mode::Shared => "shared",
             Mode::Private => "private",
+            Mode::SharedCluster => "shared-cluster",
+            Mode::PrivateCluster => "private-cluster",
         }
+    }
+
+    /// The gateways' `--mode` (`None` for the baseline).
+    pub fn transport(self) -> Option<&'static str> {
+        match self {
+            Mode::Baseline => None,
+            Mode::Shared | Mode::SharedCluster => Some("shared"),
+            Mode::Private | Mode::PrivateCluster => Some("private"),
+        }
+    }
+
+    /// Several workers behind a Redis backplane.
+    pub fn is_cluster(self) -> bool {
+        matches!(self, Mode::SharedCluster | Mode::PrivateCluster)
     }
 }
 
@@ -257,6 +366,13 @@ pub struct CompareArgs {
     /// Gateway processes to start per mode; clients are spread over them.
     #[arg(long, default_value_t = 1)]
     pub gateways: usize,
+    /// Gateways of the cluster modes (shared-cluster, private-cluster).
+    #[arg(long, default_value_t = 2)]
+    pub cluster_gateways: usize,
+    /// Workers of the cluster modes, sharing one chat through one
+    /// redis-server (started here, append-only file fsynced on every write).
+    #[arg(long, default_value_t = 2)]
+    pub cluster_workers: usize,
     /// --max-frames-per-sec for started gateways (default: 4x the per-sender rate, at least 1000).
     #[arg(long)]
     pub max_frames_per_sec: Option<u32>,

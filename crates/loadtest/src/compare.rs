@@ -105,6 +105,8 @@ pub struct CompareReport {
     /// no delivery was lost (median loss 0): the max sustained throughput a
     /// rate sweep found.
     pub max_sustained_deliveries_per_sec: BTreeMap<Mode, f64>,
+    /// The same for posts stored per second (through Redis in a cluster).
+    pub max_sustained_posts_per_sec: BTreeMap<Mode, f64>,
     pub runs: Vec<Run>,
 }
 
@@ -118,6 +120,10 @@ pub async fn run(args: &CompareArgs, quiet: bool) -> anyhow::Result<CompareRepor
     ensure!(
         (1..=64).contains(&args.gateways),
         "--gateways must be between 1 and 64"
+    );
+    ensure!(
+        (1..=64).contains(&args.cluster_gateways) && (1..=16).contains(&args.cluster_workers),
+        "--cluster-gateways must be between 1 and 64, --cluster-workers between 1 and 16"
     );
     let mut modes = Vec::new();
     for m in &args.modes {
@@ -168,6 +174,7 @@ pub async fn run(args: &CompareArgs, quiet: bool) -> anyhow::Result<CompareRepor
             worker_args: args.worker_args.clone(),
             startup_timeout: Duration::from_secs_f64(args.startup_timeout.clamp(1.0, 600.0)),
             log_dir: log_dir.clone(),
+            cluster_workers: args.cluster_workers,
         };
         for round in 0..args.repeat {
             for &mode in &modes {
@@ -214,7 +221,8 @@ pub async fn run(args: &CompareArgs, quiet: bool) -> anyhow::Result<CompareRepor
         .iter()
         .map(|&rate| step(&runs, &modes, rate))
         .collect();
-    let sustained = max_sustained(&steps, &modes);
+    let sustained = max_sustained(&steps, &modes, "deliveries_per_sec");
+    let sustained_posts = max_sustained(&steps, &modes, "posts_per_sec");
     let report = CompareReport {
         scenario: scenario_name,
         parameters: parameters(args),
@@ -223,6 +231,7 @@ pub async fn run(args: &CompareArgs, quiet: bool) -> anyhow::Result<CompareRepor
         machine,
         steps,
         max_sustained_deliveries_per_sec: sustained,
+        max_sustained_posts_per_sec: sustained_posts,
         runs,
     };
     println!("{}", table(&report));
@@ -262,6 +271,7 @@ async fn run_one(
             // Several baselines only make sense for idle (separate rooms are
             // fine for holding sockets, not for a broadcast).
             let processes = match (&args.scenario, mode) {
+                (_, Mode::SharedCluster | Mode::PrivateCluster) => args.cluster_gateways,
                 (ScenarioCmd::Idle(_), _) | (_, Mode::Shared | Mode::Private) => args.gateways,
                 _ => 1,
             };
@@ -335,6 +345,8 @@ fn parameters(args: &CompareArgs) -> serde_json::Value {
         "scenario": scenario,
         "rates": args.rates,
         "gateways": args.gateways,
+        "cluster_gateways": args.cluster_gateways,
+        "cluster_workers": args.cluster_workers,
         "max_frames_per_sec": args.max_frames_per_sec,
         "gateway_args": args.gateway_args,
         "worker_args": args.worker_args,
@@ -408,8 +420,8 @@ fn step(runs: &[Run], modes: &[Mode], rate: Option<f64>) -> Step {
     Step { rate, rows }
 }
 
-/// Per mode, the best median deliveries/s among lossless steps.
-fn max_sustained(steps: &[Step], modes: &[Mode]) -> BTreeMap<Mode, f64> {
+/// Per mode, the best median `key` (deliveries/s, posts/s) among lossless steps.
+fn max_sustained(steps: &[Step], modes: &[Mode], key: &str) -> BTreeMap<Mode, f64> {
     let mut out = BTreeMap::new();
     for &mode in modes {
         let best = steps
@@ -423,7 +435,7 @@ fn max_sustained(steps: &[Step], modes: &[Mode]) -> BTreeMap<Mode, f64> {
                         .get(&mode)
                         .copied()
                 };
-                (get("loss")? == 0.0).then_some(get("deliveries_per_sec")?)
+                (get("loss")? == 0.0).then_some(get(key)?)
             })
             .fold(None, |acc: Option<f64>, v| {
                 Some(acc.map_or(v, |a| a.max(v)))
@@ -465,10 +477,10 @@ pub fn table(report: &CompareReport) -> String {
         }
         let mut header = format!("{:<34}", "metric");
         for m in &report.modes {
-            let _ = write!(header, "{:>14}", m.name());
+            let _ = write!(header, "{:>16}", m.name());
         }
         for m in &ratio_modes {
-            let _ = write!(header, "{:>16}", format!("{}/base", m.name()));
+            let _ = write!(header, "{:>21}", format!("{}/base", m.name()));
         }
         let _ = writeln!(out, "{header}");
         for row in &step.rows {
@@ -484,7 +496,7 @@ pub fn table(report: &CompareReport) -> String {
                     .get(m)
                     .map(|v| chart::fmt_num(*v))
                     .unwrap_or_else(|| "-".into());
-                let _ = write!(line, "{cell:>14}");
+                let _ = write!(line, "{cell:>16}");
             }
             for m in &ratio_modes {
                 let cell = row
@@ -492,7 +504,7 @@ pub fn table(report: &CompareReport) -> String {
                     .get(m)
                     .map(|v| format!("{v:.2}x"))
                     .unwrap_or_else(|| "-".into());
-                let _ = write!(line, "{cell:>16}");
+                let _ = write!(line, "{cell:>21}");
             }
             let _ = writeln!(out, "{line}");
         }
@@ -513,9 +525,14 @@ pub fn table(report: &CompareReport) -> String {
                 }
                 _ => String::new(),
             };
+            let posts = report
+                .max_sustained_posts_per_sec
+                .get(mode)
+                .map(|p| format!("  ({} posts/s)", chart::fmt_num(*p)))
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "  {:<10}{:>12}{ratio}",
+                "  {:<16}{:>12}{ratio}{posts}",
                 mode.name(),
                 chart::fmt_num(*v)
             );
@@ -703,7 +720,7 @@ fn chart_of(report: &CompareReport) -> Chart {
 }
 
 /// `YYYYmmdd-HHMMSS` (UTC), for output names.
-fn stamp() -> String {
+pub fn stamp() -> String {
     let format = time::macros::format_description!("[year][month][day]-[hour][minute][second]");
     time::OffsetDateTime::now_utc()
         .format(&format)

@@ -38,6 +38,8 @@ pub struct LaunchConfig {
     pub worker_args: Vec<String>,
     pub startup_timeout: Duration,
     pub log_dir: PathBuf,
+    /// Workers of a cluster mode (its gateways are `gateways`).
+    pub cluster_workers: usize,
 }
 
 /// One started process.
@@ -46,6 +48,8 @@ struct Server {
     child: Child,
     pid: u32,
     log: PathBuf,
+    /// Killed on purpose (a failover's victim): its exit is no surprise.
+    faulted: bool,
 }
 
 /// The servers of one mode for one run.
@@ -54,7 +58,7 @@ pub struct Stack {
     pub watched: Vec<Watched>,
     /// Stopped in this order (gateways before their worker).
     servers: Vec<Server>,
-    _data_dir: Option<tempfile::TempDir>,
+    _data_dirs: Vec<tempfile::TempDir>,
 }
 
 /// A free TCP port on 127.0.0.1 (free now; the server binds it next).
@@ -69,7 +73,7 @@ impl Stack {
             urls,
             watched,
             servers: Vec::new(),
-            _data_dir: None,
+            _data_dirs: Vec::new(),
         }
     }
 
@@ -87,6 +91,11 @@ impl Stack {
         let started = match mode {
             Mode::Baseline => stack.start_baselines(cfg, processes, tag).await,
             Mode::Shared | Mode::Private => stack.start_sharedconn(mode, cfg, processes, tag).await,
+            Mode::SharedCluster | Mode::PrivateCluster => {
+                stack
+                    .start_cluster(mode, cfg, cfg.cluster_workers, processes, tag)
+                    .await
+            }
         };
         if let Err(e) = started {
             stack.stop().await;
@@ -138,7 +147,7 @@ impl Stack {
             .arg(data_dir.path())
             .args(&cfg.worker_args);
         let log = cfg.log_dir.join(format!("{tag}-worker.log"));
-        self._data_dir = Some(data_dir);
+        self._data_dirs.push(data_dir);
         self.spawn_ready("worker", cmd, &log, wport, false, cfg.startup_timeout)
             .await?;
 
@@ -162,9 +171,187 @@ impl Stack {
             .iter()
             .map(|p| format!("ws://127.0.0.1:{p}/ws"))
             .collect();
-        // Gateways first, so they stop before the worker they drain into.
-        self.servers.rotate_left(1);
+        self.order_for_stop();
         Ok(())
+    }
+
+    /// Gateways first, so they stop before the workers they drain into, and
+    /// redis-server last, so workers stop before their backplane.
+    fn order_for_stop(&mut self) {
+        let rank = |role: &str| match role {
+            "worker" => 1,
+            "redis" => 2,
+            _ => 0,
+        };
+        self.servers.sort_by_key(|s| rank(s.role));
+    }
+
+    /// redis-server, workers sharing it, and gateways linked to every worker.
+    async fn start_cluster(
+        &mut self,
+        mode: Mode,
+        cfg: &LaunchConfig,
+        workers: usize,
+        gateways: usize,
+        tag: &str,
+    ) -> anyhow::Result<()> {
+        let transport = mode.transport().context("the baseline is not a cluster")?;
+        let redis = self
+            .start_redis(
+                &cfg.log_dir.join(format!("{tag}-redis.log")),
+                cfg.startup_timeout,
+            )
+            .await?;
+        let mut ports = Vec::new();
+        for k in 0..workers.max(1) {
+            let (port, _pid) = self
+                .start_worker(
+                    &cfg.bin_dir,
+                    free_port()?,
+                    &redis,
+                    &cfg.worker_args,
+                    &cfg.log_dir.join(format!("{tag}-worker{k}.log")),
+                    cfg.startup_timeout,
+                )
+                .await?;
+            ports.push(port);
+        }
+        let mut args = cfg.gateway_args.clone();
+        if let Some(limit) = cfg.max_frames_per_sec {
+            args.extend(["--max-frames-per-sec".into(), limit.to_string()]);
+        }
+        for k in 0..gateways.max(1) {
+            let port = self
+                .start_gateway(
+                    &cfg.bin_dir,
+                    transport,
+                    &ports,
+                    &args,
+                    &cfg.log_dir.join(format!("{tag}-gateway{k}.log")),
+                    cfg.startup_timeout,
+                )
+                .await?;
+            self.urls.push(format!("ws://127.0.0.1:{port}/ws"));
+        }
+        self.order_for_stop();
+        Ok(())
+    }
+
+    /// A redis-server on a free loopback port, in a directory of its own,
+    /// with an append-only file fsynced on every write (what the backplane
+    /// promises: nothing acknowledged is lost). Returns its URL.
+    pub async fn start_redis(&mut self, log: &Path, timeout: Duration) -> anyhow::Result<String> {
+        let dir = tempfile::Builder::new()
+            .prefix("loadtest-redis-")
+            .tempdir()
+            .context("creating redis-server's directory")?;
+        let port = free_port()?;
+        let mut cmd = Command::new(which("redis-server").context(
+            "redis-server is not installed (apt-get install redis-server); the cluster \
+             topologies need it",
+        )?);
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--dir"])
+            .arg(dir.path())
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+            ]);
+        self._data_dirs.push(dir);
+        self.spawn_ready("redis", cmd, log, port, false, timeout)
+            .await?;
+        Ok(format!("redis://127.0.0.1:{port}"))
+    }
+
+    /// A worker with `backplane` (`redis://…` or `embedded`); returns its
+    /// port and pid.
+    pub async fn start_worker(
+        &mut self,
+        bin_dir: &Path,
+        port: u16,
+        backplane: &str,
+        extra: &[String],
+        log: &Path,
+        timeout: Duration,
+    ) -> anyhow::Result<(u16, u32)> {
+        let data_dir = tempfile::Builder::new()
+            .prefix("loadtest-worker-")
+            .tempdir()
+            .context("creating the worker's data dir")?;
+        let mut cmd = Command::new(binary(bin_dir, "worker")?);
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .args(["--backplane", backplane])
+            .args(extra);
+        self._data_dirs.push(data_dir);
+        self.spawn_ready("worker", cmd, log, port, false, timeout)
+            .await?;
+        let pid = self.servers.last().expect("just spawned").pid;
+        Ok((port, pid))
+    }
+
+    /// A gateway in `mode` linked to the workers on `workers` (ports);
+    /// returns its port.
+    pub async fn start_gateway(
+        &mut self,
+        bin_dir: &Path,
+        mode: &str,
+        workers: &[u16],
+        extra: &[String],
+        log: &Path,
+        timeout: Duration,
+    ) -> anyhow::Result<u16> {
+        let port = free_port()?;
+        let list = workers
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cmd = Command::new(binary(bin_dir, "gateway")?);
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--worker", &list])
+            .args(["--mode", mode])
+            .args(extra);
+        self.spawn_ready("gateway", cmd, log, port, true, timeout)
+            .await?;
+        Ok(port)
+    }
+
+    /// The pid of the process started last.
+    pub fn pid_of_last(&self) -> u32 {
+        self.servers.last().map_or(0, |s| s.pid)
+    }
+
+    /// The pid of the first started process in `role`.
+    pub fn pid_of_role(&self, role: &str) -> Option<u32> {
+        self.servers.iter().find(|s| s.role == role).map(|s| s.pid)
+    }
+
+    /// The log file of the started process `pid`.
+    pub fn log_of(&self, pid: u32) -> Option<PathBuf> {
+        self.servers
+            .iter()
+            .find(|s| s.pid == pid)
+            .map(|s| s.log.clone())
+    }
+
+    /// Sends `signal` to the started process `pid`, marking it as faulted on
+    /// purpose (its exit is then expected). Only processes this stack
+    /// started can be signalled.
+    pub fn fault(&mut self, pid: u32, signal: libc::c_int) -> anyhow::Result<()> {
+        let server = self
+            .servers
+            .iter_mut()
+            .find(|s| s.pid == pid)
+            .context("not a process this stack started")?;
+        server.faulted = true;
+        crate::sys::send_signal(pid, signal).with_context(|| format!("signal {signal} to {pid}"))
     }
 
     /// Starts `cmd` (output to `log`) and waits until it serves on
@@ -202,6 +389,7 @@ impl Stack {
             child,
             pid,
             log: log.to_path_buf(),
+            faulted: false,
         });
         Ok(())
     }
@@ -211,9 +399,15 @@ impl Stack {
     pub async fn stop(mut self) {
         for server in &mut self.servers {
             if let Ok(Some(status)) = server.child.try_wait() {
-                warn!(role = server.role, pid = server.pid, %status, log = %server.log.display(), "server had already exited");
+                if server.faulted {
+                    info!(role = server.role, pid = server.pid, %status, "faulted server had exited");
+                } else {
+                    warn!(role = server.role, pid = server.pid, %status, log = %server.log.display(), "server had already exited");
+                }
                 continue;
             }
+            // A stopped (SIGSTOP) server would sit on the SIGTERM.
+            let _ = crate::sys::send_signal(server.pid, libc::SIGCONT);
             let _ = crate::sys::send_signal(server.pid, libc::SIGTERM);
             let began = Instant::now();
             match tokio::time::timeout(STOP_GRACE, server.child.wait()).await {
@@ -240,6 +434,15 @@ impl Stack {
             }
         }
     }
+}
+
+/// `name` on `PATH`, or in /usr/sbin or /usr/bin.
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// `dir/NAME`, or `dir/sharedconn-NAME` (the default name of the crate's

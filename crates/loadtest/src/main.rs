@@ -51,6 +51,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             finish(&report, json.as_deref())
         }
         Command::Compare(args) => compare::run(&args, quiet).await.map(|_| ()),
+        Command::Failover(args) => scenario::failover::run(&args, quiet).await.map(|_| ()),
         Command::Baseline {
             listen,
             max_connections,

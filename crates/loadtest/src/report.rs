@@ -173,7 +173,8 @@ fn metric(
 }
 
 /// Server roles counted as "the server" of a mode.
-pub const SERVER_ROLES: [&str; 3] = ["gateway", "worker", "baseline"];
+/// `redis` is the backplane of a cluster topology: part of the server's cost.
+pub const SERVER_ROLES: [&str; 4] = ["gateway", "worker", "redis", "baseline"];
 
 fn peak_rss(procs: &[ProcReport], role: &str) -> Option<f64> {
     let peaks: Vec<u64> = procs
@@ -242,6 +243,14 @@ impl Report {
                         "deliveries/s",
                         "/s",
                         Some(r.deliveries_per_sec),
+                    ),
+                    // Posts through the worker(s) and backplane: every one
+                    // stored once, whatever the number of clients.
+                    metric(
+                        "posts_per_sec",
+                        "posts stored/s",
+                        "/s",
+                        (r.duration_secs > 0.0).then(|| r.sent as f64 / r.duration_secs),
                     ),
                     metric("p50_ms", "latency p50", "ms", ms(r.latency.p50_us)),
                     metric("p90_ms", "latency p90", "ms", ms(r.latency.p90_us)),
@@ -521,6 +530,10 @@ fn role_key(role: &str, what: &str) -> &'static str {
         ("gateway", "cpu") => "gateway_cpu_s",
         ("worker", "cpu") => "worker_cpu_s",
         ("baseline", "cpu") => "baseline_cpu_s",
+        ("redis", "cpu") => "redis_cpu_s",
+        ("redis", "peak_rss") => "redis_peak_rss_mib",
+        ("redis", "rss_per_socket") => "redis_rss_per_socket",
+        ("redis", "max_fds") => "redis_max_fds",
         ("gateway", "peak_rss") => "gateway_peak_rss_mib",
         ("worker", "peak_rss") => "worker_peak_rss_mib",
         ("baseline", "peak_rss") => "baseline_peak_rss_mib",
@@ -539,6 +552,10 @@ fn role_label(role: &str, what: &str) -> &'static str {
         ("gateway", "CPU") => "gateway CPU",
         ("worker", "CPU") => "worker CPU",
         ("baseline", "CPU") => "baseline CPU",
+        ("redis", "CPU") => "redis-server CPU",
+        ("redis", "peak RSS") => "redis-server peak RSS",
+        ("redis", "RSS per socket") => "redis-server RSS per socket",
+        ("redis", _) => "redis-server open files (max)",
         ("gateway", "peak RSS") => "gateway peak RSS",
         ("worker", "peak RSS") => "worker peak RSS",
         ("baseline", "peak RSS") => "baseline peak RSS",

@@ -5,6 +5,7 @@
 //! messages) and in time (each phase has a deadline), and stops by itself.
 
 pub mod chat;
+pub mod failover;
 pub mod idle;
 pub mod join;
 
