@@ -66,8 +66,18 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(name: &str, mut command: Command) -> Proc {
         command.stdin(Stdio::null());
-        if std::env::var_os("SHAREDCONN_TEST_LOGS").is_none() {
-            command.stdout(Stdio::null()).stderr(Stdio::null());
+        // SHAREDCONN_TEST_LOGS=DIR keeps each process's log in DIR.
+        match std::env::var_os("SHAREDCONN_TEST_LOGS") {
+            Some(dir) => {
+                static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let path = Path::new(&dir).join(format!("{}-{name}-{n}.log", std::process::id()));
+                let file = std::fs::File::create(&path).expect("log file");
+                command.stdout(Stdio::null()).stderr(file);
+            }
+            None => {
+                command.stdout(Stdio::null()).stderr(Stdio::null());
+            }
         }
         let child = command
             .spawn()

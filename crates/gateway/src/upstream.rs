@@ -338,9 +338,9 @@ impl Upstream {
         let _ = events.try_send(self.hello(Mode::Private, resuming));
         let channel = worker.channels[(ws_id as usize) % worker.channels.len()].clone();
         let mut client = WorkerClient::new(channel);
-        let response = client
-            .link(ReceiverStream::new(rx))
+        let response = tokio::time::timeout(WELCOME_TIMEOUT, client.link(ReceiverStream::new(rx)))
             .await
+            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer to the link")))
             .map_err(|status| {
                 debug!(ws_id, %status, "private link refused");
                 CloseReason::NoWorker
@@ -647,7 +647,13 @@ impl Upstream {
             .is_empty();
         let _ = events.try_send(self.hello(Mode::Shared, resuming));
         let mut client = WorkerClient::new(worker.channels[0].clone());
-        let mut commands = match client.link(ReceiverStream::new(rx)).await {
+        // A worker that accepts the connection but never answers (hung
+        // mid-handshake) must not hold this link's task for ever.
+        let linked = tokio::time::timeout(WELCOME_TIMEOUT, client.link(ReceiverStream::new(rx)));
+        let linked = linked
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer to the link")));
+        let mut commands = match linked {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 if status.code() == tonic::Code::Unauthenticated {

@@ -116,10 +116,22 @@ async fn serve<B: backplane::Backplane>(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (runtime_done_tx, runtime_done) = tokio::sync::oneshot::channel::<()>();
     let grace = config.drain_grace;
-    let runtime = tokio::spawn(async move {
-        runtime.run(stop_rx, grace).await;
-        let _ = runtime_done_tx.send(());
-    });
+    // The chat runs on a thread of its own, with its own single-threaded
+    // runtime: it is the one busy task, and on the shared runtime a long
+    // turn of it (a backlog of broadcasts) would delay the HTTP/2 tasks that
+    // answer the gateways' keepalive pings, so a busy worker would look hung.
+    let runtime = std::thread::Builder::new()
+        .name("chat-runtime".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(runtime.run(stop_rx, grace)),
+                Err(e) => tracing::error!(error = %e, "cannot start the chat runtime"),
+            }
+            let _ = runtime_done_tx.send(());
+        })?;
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(report_health(reporter, health));
@@ -148,7 +160,7 @@ async fn serve<B: backplane::Backplane>(
             let _ = runtime_done.await;
         })
         .await;
-    let _ = runtime.await;
+    let _ = tokio::task::spawn_blocking(move || runtime.join()).await;
     if let Some(admin) = admin {
         // Waits until its port is free again, for a worker started next.
         admin.abort();
