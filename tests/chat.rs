@@ -45,6 +45,7 @@ both_modes!(
     a_slow_reader_catches_up_in_order,
     a_silent_client_is_pinged_then_closed,
     a_name_held_by_someone_online_is_refused,
+    a_mass_close_and_churn_touch_nobody_else,
     a_half_sent_frame_is_timed_out,
     new_socket_gets_recent_history_then_live,
     reconnect_with_since_replays_only_what_was_missed,
@@ -520,6 +521,38 @@ async fn a_name_held_by_someone_online_is_refused(mode: Mode) {
     mallory.userlist_until(|u| u.is_empty()).await;
     mallory.alias("ann").await;
     mallory.userlist_until(|u| u == ["ann"]).await;
+    cluster.shutdown().await;
+}
+
+/// 5,000 sockets dropping at once, then 20,000 connect/close cycles (in
+/// private mode, as many streams ending together, which h2 must not take
+/// for abuse): the honest clients notice nothing.
+async fn a_mass_close_and_churn_touch_nobody_else(mode: Mode) {
+    let cluster = Cluster::builder().mode(mode).start().await;
+    let url = cluster.ws_url(0);
+    let mut ann = Client::connect(&url).await;
+    let mut bob = Client::connect(&url).await;
+    let mut crowd = Vec::new();
+    for _ in 0..5000 {
+        let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .unwrap();
+        crowd.push(ws);
+    }
+    drop(crowd);
+    for _ in 0..400 {
+        let cycles = (0..50).map(|_| async {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+                .await
+                .unwrap();
+            let _ = ws.close(None).await;
+        });
+        futures_util::future::join_all(cycles).await;
+    }
+    ann.say("after the crowd").await;
+    assert_eq!(bob.chats(1).await[0].2, "after the crowd");
+    bob.say("still here").await;
+    assert_eq!(ann.chats(2).await[1].2, "still here");
     cluster.shutdown().await;
 }
 

@@ -284,8 +284,9 @@ pub struct FailoverArgs {
     #[arg(long, env = "LOADTEST_BIN_DIR")]
     #[serde(skip)]
     pub bin_dir: Option<PathBuf>,
-    /// Where JSON and server logs go.
-    #[arg(long, default_value = "target/loadtest")]
+    /// Where JSON and server logs go (default: `loadtest` in the cargo
+    /// target directory this binary was built in, or `$CARGO_TARGET_DIR`).
+    #[arg(long, default_value_os_t = default_out_dir())]
     #[serde(skip)]
     pub out_dir: PathBuf,
     #[command(flatten)]
@@ -385,8 +386,9 @@ pub struct CompareArgs {
     /// Seconds a started server may take to answer /healthz.
     #[arg(long, default_value_t = 30.0)]
     pub startup_timeout: f64,
-    /// Where JSON, SVG and server logs go.
-    #[arg(long, default_value = "target/loadtest")]
+    /// Where JSON, SVG and server logs go (default: `loadtest` in the cargo
+    /// target directory this binary was built in, or `$CARGO_TARGET_DIR`).
+    #[arg(long, default_value_os_t = default_out_dir())]
     pub out_dir: PathBuf,
     #[command(flatten)]
     pub client: ClientArgs,
@@ -409,6 +411,19 @@ impl ScenarioCmd {
             ScenarioCmd::Join(_) => "join",
         }
     }
+}
+
+/// `$CARGO_TARGET_DIR/loadtest` when set; else `loadtest` beside the
+/// profile directory this binary runs from (`target/release/loadtest` →
+/// `target/loadtest`); else `target/loadtest` here.
+pub fn default_out_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir).join("loadtest");
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("loadtest")))
+        .unwrap_or_else(|| PathBuf::from("target/loadtest"))
 }
 
 #[cfg(test)]
