@@ -10,7 +10,8 @@
 //! built from them, so it is stored once).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use sharedconn_proto::GatewayEvent;
@@ -31,6 +32,9 @@ pub struct StreamHandle {
     /// Unique for the life of the gateway.
     pub id: u64,
     pub events: mpsc::Sender<GatewayEvent>,
+    /// Sockets attached to the stream's worker (for spreading new ones):
+    /// one more per attach, one less per close or loss.
+    pub load: Arc<AtomicUsize>,
 }
 
 #[derive(Clone, Debug)]

@@ -90,7 +90,7 @@ pub struct WorkerLink {
     /// The worker's log name, from its `Welcome`.
     log: Mutex<String>,
     /// Sockets attached, for spreading new ones.
-    load: AtomicUsize,
+    load: Arc<AtomicUsize>,
     /// Cancelled when the address no longer resolves.
     gone: CancellationToken,
 }
@@ -323,7 +323,7 @@ impl Upstream {
                 Err(newer) => frames = newer,
             }
         }
-        worker.load.fetch_add(1, Ordering::Relaxed);
+        stream.load.fetch_add(1, Ordering::Relaxed);
         Ok(stream)
     }
 
@@ -348,6 +348,7 @@ impl Upstream {
         let stream = StreamHandle {
             id: self.next_stream.fetch_add(1, Ordering::Relaxed),
             events,
+            load: worker.load.clone(),
         };
         tokio::spawn(
             self.clone()
@@ -446,10 +447,11 @@ impl Upstream {
         if lost.is_empty() {
             return;
         }
-        worker.load.fetch_sub(
-            lost.len().min(worker.load.load(Ordering::Relaxed)),
-            Ordering::Relaxed,
-        );
+        let _ = worker
+            .load
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(lost.len()))
+            });
         debug!(worker = %worker.addr, sockets = lost.len(), "sockets detached");
         self.detached
             .lock()
@@ -506,6 +508,11 @@ impl Upstream {
         }));
         match socket.close() {
             Some(stream) => {
+                let _ = stream
+                    .load
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        Some(n.saturating_sub(1))
+                    });
                 let _ = stream.events.send(close).await;
             }
             None => {
@@ -599,7 +606,7 @@ impl Upstream {
             live: RwLock::new(None),
             draining: AtomicBool::new(false),
             log: Mutex::new(String::new()),
-            load: AtomicUsize::new(0),
+            load: Arc::new(AtomicUsize::new(0)),
             gone: self.stop.child_token(),
         }))
     }
@@ -689,6 +696,7 @@ impl Upstream {
         let stream = StreamHandle {
             id: self.next_stream.fetch_add(1, Ordering::Relaxed),
             events,
+            load: worker.load.clone(),
         };
         *worker.live.write().unwrap_or_else(|e| e.into_inner()) = Some(stream.clone());
         info!(worker = %worker.addr, log = %log, resuming, "worker linked");
