@@ -1,6 +1,7 @@
 //! The seed's chat, end to end: real sockets, real gRPC, a real worker and
 //! real gateways, in both connection modes.
 
+#[macro_use]
 mod support;
 
 use std::collections::HashSet;
@@ -12,23 +13,6 @@ use serde_json::json;
 
 use support::{Client, Cluster, Ended, Mode, http_get};
 use tokio_tungstenite::tungstenite::Message;
-
-/// Runs a scenario once per mode, as two tests.
-macro_rules! both_modes {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn shared() {
-                super::$name(Mode::Shared).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn private() {
-                super::$name(Mode::Private).await;
-            }
-        }
-    )*};
-}
 
 both_modes!(
     status_comes_first_with_a_unique_id,

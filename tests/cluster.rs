@@ -7,6 +7,7 @@
 //! order, each post is stored exactly once, aliases stay, and the online
 //! list does not flap.
 
+#[macro_use]
 mod support;
 
 use std::collections::{BTreeSet, HashMap};
@@ -317,22 +318,6 @@ impl Stack {
 
 fn list_marks(peers: &[Peer]) -> Vec<usize> {
     peers.iter().map(|p| p.seen(|s| s.lists.len())).collect()
-}
-
-macro_rules! both_modes {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn shared() {
-                super::$name(Mode::Shared).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn private() {
-                super::$name(Mode::Private).await;
-            }
-        }
-    )*};
 }
 
 both_modes!(

@@ -26,6 +26,25 @@ pub use sharedconn_gateway::Mode;
 
 pub mod procs;
 
+/// Runs a scenario once per mode, as two tests named `shared` and
+/// `private` in a module named after the scenario.
+#[allow(unused_macros)]
+macro_rules! both_modes {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn shared() {
+                super::$name(Mode::Shared).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn private() {
+                super::$name(Mode::Private).await;
+            }
+        }
+    )*};
+}
+
 /// How long any single expected event may take before a test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
