@@ -201,9 +201,14 @@ impl<A: WebSocketApp> Runtime<A> {
                 backlog,
                 cut,
             } => {
+                // A gateway's first stream here starts holding its lease; its
+                // later ones (a private stream per socket) change nothing.
+                let first = !self.router.boot_linked(peer.boot);
                 self.router.add_stream(stream, peer, tx, backlog, cut);
                 self.router.welcome(stream, self.app.log_id());
-                self.app.gateway_up(peer.boot, peer.tag);
+                if first {
+                    self.app.gateway_up(peer.boot, peer.tag);
+                }
                 if resuming {
                     self.resuming.insert(stream, Instant::now());
                     self.app.hold_lists(true);

@@ -181,7 +181,7 @@ impl Embedded {
 }
 
 impl Backplane for Embedded {
-    fn gateway_up(&mut self, boot: u64, tag: u32) {
+    fn gateway_up(&mut self, boot: u64, tag: u32) -> bool {
         self.leases.insert(boot, None);
         if let Some(old) = self.tags.insert(tag, boot)
             && old != boot
@@ -193,8 +193,10 @@ impl Backplane for Embedded {
                     boot_id = format!("{old:016x}"),
                     "gateway restarted, its users left"
                 );
+                return true;
             }
         }
+        false
     }
 
     fn gateway_down(&mut self, boot: u64) {
@@ -203,8 +205,8 @@ impl Backplane for Embedded {
         }
     }
 
-    fn set_user(&mut self, user: Presence) {
-        self.users.set(user);
+    fn set_user(&mut self, user: Presence) -> bool {
+        self.users.set(user)
     }
 
     fn remove_user(&mut self, ws: WsId, _boot: u64) {

@@ -97,11 +97,14 @@ pub enum Event {
 pub trait Backplane: Send + 'static {
     /// A stream from gateway run `boot` is up on this worker: hold its lease.
     /// A run with the same `tag` seen before is gone: its users leave now.
-    fn gateway_up(&mut self, boot: u64, tag: u32);
+    /// Returns whether the local list changed (changes made elsewhere come
+    /// as [`Event::UsersChanged`]).
+    fn gateway_up(&mut self, boot: u64, tag: u32) -> bool;
     /// No stream from `boot` is left on this worker: stop holding its lease.
     fn gateway_down(&mut self, boot: u64);
     /// Adds or updates a user (an alias was set, or a socket re-attached).
-    fn set_user(&mut self, user: Presence);
+    /// Returns whether the local list changed, as for `gateway_up`.
+    fn set_user(&mut self, user: Presence) -> bool;
     /// A socket closed: its user leaves.
     fn remove_user(&mut self, ws: WsId, boot: u64);
     /// The online list: one alias per socket that set one, oldest first.

@@ -727,16 +727,18 @@ fn parse_users(reply: Vec<Value>) -> Vec<Presence> {
 }
 
 impl Backplane for RedisBackplane {
-    fn gateway_up(&mut self, boot: u64, tag: u32) {
+    fn gateway_up(&mut self, boot: u64, tag: u32) -> bool {
         let _ = self.presence.send(PresenceOp::Up { boot, tag });
+        false
     }
 
     fn gateway_down(&mut self, boot: u64) {
         let _ = self.presence.send(PresenceOp::Down { boot });
     }
 
-    fn set_user(&mut self, user: Presence) {
+    fn set_user(&mut self, user: Presence) -> bool {
         let _ = self.presence.send(PresenceOp::Set(user));
+        false
     }
 
     fn remove_user(&mut self, ws: WsId, boot: u64) {

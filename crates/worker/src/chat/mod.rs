@@ -194,9 +194,10 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
     }
 
     fn gateway_up(&mut self, boot: u64, tag: u32) {
-        self.backplane.gateway_up(boot, tag);
         // A restarted gateway's old users may have left.
-        self.users_changed();
+        if self.backplane.gateway_up(boot, tag) {
+            self.users_changed();
+        }
     }
 
     fn gateway_down(&mut self, boot: u64) {
@@ -213,8 +214,11 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
             boot: open.boot,
             opened_ms: open.opened_ms,
         };
-        if let Some(user) = self.presence(ws, &socket) {
-            self.backplane.set_user(user);
+        // A re-attached socket is usually listed already (Redis holds the
+        // list, or this worker never restarted): no list goes out for it.
+        if let Some(user) = self.presence(ws, &socket)
+            && self.backplane.set_user(user)
+        {
             self.users_changed();
         }
         self.sockets.insert(ws, socket);
@@ -276,9 +280,12 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
                     alias: alias.clone(),
                     opened_ms: socket.opened_ms,
                 };
-                self.backplane.set_user(user);
+                // With Redis the change comes back as UsersChanged once the
+                // local copy has it.
+                if self.backplane.set_user(user) {
+                    self.users_changed();
+                }
                 out.park(ws, Bytes::copy_from_slice(alias.as_bytes()));
-                self.users_changed();
                 Handled::Now
             }
             Ok(ClientFrame::Message(message)) => {
