@@ -350,10 +350,12 @@ impl Upstream {
             events,
             load: worker.load.clone(),
         };
-        tokio::spawn(
-            self.clone()
-                .pump_private(worker.clone(), stream.id, response.into_inner()),
-        );
+        tokio::spawn(self.clone().pump_private(
+            worker.clone(),
+            stream.id,
+            ws_id,
+            response.into_inner(),
+        ));
         Ok(stream)
     }
 
@@ -362,6 +364,7 @@ impl Upstream {
         self: Arc<Self>,
         worker: Arc<WorkerLink>,
         stream_id: u64,
+        ws_id: u64,
         mut commands: tonic::Streaming<WorkerCommand>,
     ) {
         loop {
@@ -382,7 +385,12 @@ impl Upstream {
                 }
             }
         }
-        self.stream_lost(&worker, stream_id);
+        // The stream served this socket alone: no need to look at the rest.
+        let lost = self
+            .socket(ws_id)
+            .filter(|s| s.detach_from(stream_id))
+            .map(|s| s.ws_id);
+        self.detached_from(&worker, lost.into_iter().collect());
     }
 
     /// Applies one command from a worker.
@@ -444,6 +452,11 @@ impl Upstream {
             .filter(|s| s.detach_from(stream_id))
             .map(|s| s.ws_id)
             .collect();
+        self.detached_from(worker, lost);
+    }
+
+    /// These sockets lost their stream to `worker`: they wait for the mover.
+    fn detached_from(&self, worker: &WorkerLink, lost: Vec<u64>) {
         if lost.is_empty() {
             return;
         }

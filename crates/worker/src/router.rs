@@ -109,6 +109,10 @@ pub struct Router {
     sockets: HashMap<WsId, (StreamId, usize)>,
     /// Streams with acknowledgements waiting for [`Router::flush_acks`].
     acking: Vec<StreamId>,
+    /// Set when a push left some stream over [`CONGESTED_IDS`]; only then
+    /// does [`Router::congested`] look at every stream (there is one per
+    /// socket in private mode, and it is asked once per runtime turn).
+    maybe_congested: bool,
 }
 
 impl Router {
@@ -199,10 +203,15 @@ impl Router {
 
     /// Whether some stream is too far behind to take more (see
     /// [`CONGESTED_IDS`]).
-    pub fn congested(&self) -> bool {
-        self.streams
+    pub fn congested(&mut self) -> bool {
+        if !self.maybe_congested {
+            return false;
+        }
+        self.maybe_congested = self
+            .streams
             .values()
-            .any(|s| !s.cut && s.backlog.ids.load(Ordering::Relaxed) > CONGESTED_IDS)
+            .any(|s| !s.cut && s.backlog.ids.load(Ordering::Relaxed) > CONGESTED_IDS);
+        self.maybe_congested
     }
 
     pub fn stream_count(&self) -> usize {
@@ -359,9 +368,12 @@ impl Router {
         let bytes = command_bytes(&command);
         // The queue's length bounds commands; these bound what they hold: a
         // broadcast to 10,000 sockets carries 10,000 IDs, a history replay
-        // hundreds of kilobytes.
-        let over_budget = s.backlog.ids.load(Ordering::Relaxed) + ids > MAX_QUEUED_IDS
-            || s.backlog.bytes.load(Ordering::Relaxed) + bytes > s.backlog.max_bytes;
+        // hundreds of kilobytes. Counted before the send, so the response
+        // (which counts off what it takes) never sees the counters dip
+        // below zero; taken back if the command is not queued.
+        let queued = s.backlog.ids.fetch_add(ids, Ordering::Relaxed) + ids;
+        let queued_bytes = s.backlog.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let over_budget = queued > MAX_QUEUED_IDS || queued_bytes > s.backlog.max_bytes;
         let message = WorkerCommand {
             command: Some(command),
         };
@@ -370,11 +382,12 @@ impl Router {
         } else {
             s.tx.try_send(message)
         };
+        if sent.is_err() {
+            s.backlog.ids.fetch_sub(ids, Ordering::Relaxed);
+            s.backlog.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        }
         match sent {
-            Ok(()) => {
-                s.backlog.ids.fetch_add(ids, Ordering::Relaxed);
-                s.backlog.bytes.fetch_add(bytes, Ordering::Relaxed);
-            }
+            Ok(()) => self.maybe_congested |= queued > CONGESTED_IDS,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 warn!(
                     stream,

@@ -23,9 +23,10 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use super::traffic::{Outcomes, Plan, read_frames, send_planned};
 use super::{
-    CloseLog, ConnectTally, Setup, close_reason, connect_client, join_all, seconds, spawn_paced,
-    unix_nanos, wait_until,
+    CloseLog, ConnectTally, Setup, connect_client, join_all, seconds, spawn_paced, unix_nanos,
+    wait_until,
 };
 use crate::cli::ChatArgs;
 use crate::client::Ws;
@@ -33,7 +34,7 @@ use crate::procstat::{Monitor, cpu_of};
 use crate::progress::Progress;
 use crate::report::{ChatReport, Latency, SERVER_ROLES};
 use crate::tracker::{ClientTally, MAX_EXPECTED_DELIVERIES, RunBook, Totals};
-use crate::wire::{self, ChatFrame, FrameKind, Marker};
+use crate::wire::{self, ChatFrame, Marker};
 
 /// The drain ends early when no delivery arrived for this long: the rest is
 /// lost, not late.
@@ -58,6 +59,16 @@ struct Ctx {
     error_frames: AtomicU64,
     first_error_frame: Mutex<Option<String>>,
     closes: CloseLog,
+}
+
+impl Ctx {
+    fn outcomes(&self) -> Outcomes<'_> {
+        Outcomes {
+            error_frames: &self.error_frames,
+            first_error_frame: &self.first_error_frame,
+            closes: &self.closes,
+        }
+    }
 }
 
 /// Runs the scenario against `setup` and reports.
@@ -338,61 +349,23 @@ async fn read_loop<S>(i: usize, ctx: &Ctx, stream: &mut S, tally: &mut ClientTal
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
 {
-    let stopped = ctx.stop.cancelled();
-    tokio::pin!(stopped);
-    loop {
-        let frame = tokio::select! {
-            biased;
-            _ = &mut stopped => return,
-            frame = stream.next() => frame,
-        };
-        match frame {
-            Some(Ok(Message::Text(text))) => match wire::frame_kind(&text) {
-                FrameKind::Chat => {
-                    let now = unix_nanos();
-                    match serde_json::from_str::<ChatFrame<'_>>(&text) {
-                        Ok(chat) => tally.on_chat(
-                            &ctx.book,
-                            i,
-                            Marker::from_base64(&chat.message),
-                            chat.id,
-                            now,
-                        ),
-                        Err(_) => tally.counts.foreign += 1,
-                    }
-                }
-                FrameKind::Error => {
-                    ctx.error_frames.fetch_add(1, Ordering::Relaxed);
-                    let mut first = ctx
-                        .first_error_frame
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner());
-                    if first.is_none() {
-                        *first = Some(wire::error_text(&text));
-                    }
-                }
-                _ => {}
-            },
-            Some(Ok(Message::Close(frame))) => {
-                ctx.closes.record(close_reason(frame.as_ref()));
-                return;
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => {
-                ctx.closes.record(format!("read error: {e}"));
-                return;
-            }
-            None => {
-                ctx.closes.record("connection ended without close".into());
-                return;
-            }
+    read_frames(stream, &ctx.stop, ctx.outcomes(), |text| {
+        let now = unix_nanos();
+        match serde_json::from_str::<ChatFrame<'_>>(text) {
+            Ok(chat) => tally.on_chat(
+                &ctx.book,
+                i,
+                Marker::from_base64(&chat.message),
+                chat.id,
+                now,
+            ),
+            Err(_) => tally.counts.foreign += 1,
         }
-    }
+    })
+    .await;
 }
 
-/// Sends this sender's share of the plan on schedule: message `g = seq *
-/// senders + i` is due `g / rate` seconds after the start, so senders take
-/// turns and the aggregate rate is even.
+/// Sends this sender's share of the plan on schedule (see [`send_planned`]).
 async fn send_loop<K>(
     i: usize,
     ctx: &Ctx,
@@ -402,39 +375,19 @@ async fn send_loop<K>(
 ) where
     K: Sink<Message, Error = WsError> + Unpin,
 {
-    let start = tokio::select! {
-        start = go.wait_for(Option::is_some) => start.ok().and_then(|s| *s),
-        _ = ctx.stop.cancelled() => None,
+    let plan = Plan {
+        book: &ctx.book,
+        sender: i,
+        senders: ctx.senders,
+        rate: ctx.rate,
+        pad: ctx.pad,
+        stop: &ctx.stop,
+        sent: &ctx.sent,
     };
-    if let Some(start) = start {
-        let senders = ctx.senders as u64;
-        let mut seq: u32 = 0;
-        loop {
-            let g = u64::from(seq) * senders + i as u64;
-            if g >= ctx.book.planned {
-                break;
-            }
-            let due = start + Duration::from_secs_f64(g as f64 / ctx.rate);
-            tokio::select! {
-                _ = tokio::time::sleep_until(due) => {}
-                _ = ctx.stop.cancelled() => break,
-            }
-            let lag = tokio::time::Instant::now().saturating_duration_since(due);
-            ctx.lag_max_us
-                .fetch_max(lag.as_micros() as u64, Ordering::Relaxed);
-            let marker = Marker {
-                run: ctx.book.run,
-                sender: i as u32,
-                seq,
-                sent_nanos: unix_nanos(),
-            };
-            let frame = wire::post_frame(&marker.text(ctx.pad), alias);
-            if sink.send(Message::text(frame)).await.is_err() {
-                break;
-            }
-            ctx.sent.fetch_add(1, Ordering::Relaxed);
-            seq += 1;
-        }
-    }
+    send_planned(plan, sink, alias, go, |lag| {
+        ctx.lag_max_us
+            .fetch_max(lag.as_micros() as u64, Ordering::Relaxed);
+    })
+    .await;
     ctx.writers_done.fetch_add(1, Ordering::Relaxed);
 }

@@ -33,9 +33,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::chat::close_quietly;
+use super::traffic::{Outcomes, Plan, read_frames, send_planned};
 use super::{
-    CloseLog, ConnectTally, Setup, close_reason, connect_client, join_all, seconds, spawn_paced,
-    unix_nanos, wait_until,
+    CloseLog, ConnectTally, Setup, connect_client, join_all, seconds, spawn_paced, unix_nanos,
+    wait_until,
 };
 use crate::cli::{FailoverArgs, Fault};
 use crate::launch::{Stack, free_port};
@@ -43,7 +44,7 @@ use crate::procstat::{Watched, sample};
 use crate::progress::Progress;
 use crate::report::{CloseTally, Latency};
 use crate::tracker::{ClientTally, MAX_EXPECTED_DELIVERIES, RunBook, Totals};
-use crate::wire::{self, ChatFrame, FrameKind, Marker};
+use crate::wire::{self, ChatFrame, Marker};
 
 /// Latency shards per phase (as in the tracker: few enough to merge, enough
 /// that two threads rarely meet).
@@ -737,76 +738,47 @@ async fn read_loop<S>(
 ) where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
 {
-    let stopped = ctx.stop.cancelled();
-    tokio::pin!(stopped);
-    loop {
-        let frame = tokio::select! {
-            biased;
-            _ = &mut stopped => return,
-            frame = stream.next() => frame,
+    let outcomes = Outcomes {
+        error_frames: &ctx.error_frames,
+        first_error_frame: &ctx.first_error_frame,
+        closes: &ctx.closes,
+    };
+    read_frames(stream, &ctx.stop, outcomes, |text| {
+        let now = unix_nanos();
+        let Ok(chat) = serde_json::from_str::<ChatFrame<'_>>(text) else {
+            tally.counts.foreign += 1;
+            return;
         };
-        match frame {
-            Some(Ok(Message::Text(text))) => match wire::frame_kind(&text) {
-                FrameKind::Chat => {
-                    let now = unix_nanos();
-                    let Ok(chat) = serde_json::from_str::<ChatFrame<'_>>(&text) else {
-                        tally.counts.foreign += 1;
-                        continue;
-                    };
-                    let marker = Marker::from_base64(&chat.message);
-                    let before = tally.counts.received;
-                    tally.on_chat(&ctx.book, i, marker, chat.id, now);
-                    let fresh = tally.counts.received > before;
-                    let fault = ctx.fault_nanos.load(Ordering::Relaxed);
-                    if fault != 0 && now >= fault {
-                        around.first_frame_nanos.get_or_insert(now);
-                    }
-                    if let (true, Some(m)) = (fresh, marker) {
-                        let phase = if fault == 0 || m.sent_nanos < fault {
-                            0
-                        } else if m.sent_nanos < ctx.window_end_nanos.load(Ordering::Relaxed) {
-                            1
-                        } else {
-                            2
-                        };
-                        if fault != 0 && m.sent_nanos >= fault {
-                            around.first_new_post_nanos.get_or_insert(now);
-                        }
-                        let us = now.saturating_sub(m.sent_nanos) / 1000;
-                        ctx.phases[phase][i % SHARDS]
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .saturating_record(us.max(1));
-                    }
-                }
-                FrameKind::Error => {
-                    ctx.error_frames.fetch_add(1, Ordering::Relaxed);
-                    ctx.first_error_frame
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get_or_insert_with(|| wire::error_text(&text));
-                }
-                _ => {}
-            },
-            Some(Ok(Message::Close(frame))) => {
-                ctx.closes.record(close_reason(frame.as_ref()));
-                return;
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => {
-                ctx.closes.record(format!("read error: {e}"));
-                return;
-            }
-            None => {
-                ctx.closes.record("connection ended without close".into());
-                return;
-            }
+        let marker = Marker::from_base64(&chat.message);
+        let before = tally.counts.received;
+        tally.on_chat(&ctx.book, i, marker, chat.id, now);
+        let fresh = tally.counts.received > before;
+        let fault = ctx.fault_nanos.load(Ordering::Relaxed);
+        if fault != 0 && now >= fault {
+            around.first_frame_nanos.get_or_insert(now);
         }
-    }
+        if let (true, Some(m)) = (fresh, marker) {
+            let phase = if fault == 0 || m.sent_nanos < fault {
+                0
+            } else if m.sent_nanos < ctx.window_end_nanos.load(Ordering::Relaxed) {
+                1
+            } else {
+                2
+            };
+            if fault != 0 && m.sent_nanos >= fault {
+                around.first_new_post_nanos.get_or_insert(now);
+            }
+            let us = now.saturating_sub(m.sent_nanos) / 1000;
+            ctx.phases[phase][i % SHARDS]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .saturating_record(us.max(1));
+        }
+    })
+    .await;
 }
 
-/// Sender `j`'s share of the plan: message `g = seq * senders + j` is due
-/// `g / rate` seconds after the start.
+/// Sender `j`'s share of the plan (see [`send_planned`]).
 async fn send_loop<K>(
     j: usize,
     ctx: &Ctx,
@@ -816,37 +788,16 @@ async fn send_loop<K>(
 ) where
     K: Sink<Message, Error = WsError> + Unpin,
 {
-    let start = tokio::select! {
-        start = go.wait_for(Option::is_some) => start.ok().and_then(|s| *s),
-        _ = ctx.stop.cancelled() => None,
+    let plan = Plan {
+        book: &ctx.book,
+        sender: j,
+        senders: ctx.senders,
+        rate: ctx.rate,
+        pad: 0,
+        stop: &ctx.stop,
+        sent: &ctx.sent,
     };
-    if let Some(start) = start {
-        let senders = ctx.senders as u64;
-        let mut seq: u32 = 0;
-        loop {
-            let g = u64::from(seq) * senders + j as u64;
-            if g >= ctx.book.planned {
-                break;
-            }
-            let due = start + Duration::from_secs_f64(g as f64 / ctx.rate);
-            tokio::select! {
-                _ = tokio::time::sleep_until(due) => {}
-                _ = ctx.stop.cancelled() => break,
-            }
-            let marker = Marker {
-                run: ctx.book.run,
-                sender: j as u32,
-                seq,
-                sent_nanos: unix_nanos(),
-            };
-            let frame = wire::post_frame(&marker.text(0), alias);
-            if sink.send(Message::text(frame)).await.is_err() {
-                break;
-            }
-            ctx.sent.fetch_add(1, Ordering::Relaxed);
-            seq += 1;
-        }
-    }
+    send_planned(plan, sink, alias, go, |_| {}).await;
     ctx.writers_done.fetch_add(1, Ordering::Relaxed);
 }
 

@@ -8,6 +8,7 @@ pub mod chat;
 pub mod failover;
 pub mod idle;
 pub mod join;
+pub mod traffic;
 
 use std::future::Future;
 use std::net::Ipv4Addr;

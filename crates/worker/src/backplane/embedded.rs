@@ -227,10 +227,7 @@ impl Backplane for Embedded {
 
     fn post(&mut self, message: NewMessage) -> Result<(), Error> {
         let posts = self.posts.as_ref().ok_or(Error::LogClosed)?;
-        posts.try_send(message).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Error::LogBusy,
-            mpsc::error::TrySendError::Closed(_) => Error::LogClosed,
-        })
+        super::queue_post(posts, message)
     }
 
     fn history(

@@ -150,3 +150,16 @@ pub(crate) fn recent(
     let skip = picked.len().saturating_sub(limit);
     picked.into_iter().skip(skip).collect()
 }
+
+/// Queues a post for a backplane's writer without waiting: a full queue is
+/// `LogBusy` (answered to the sender), a closed one `LogClosed`.
+pub(crate) fn queue_post(
+    posts: &tokio::sync::mpsc::Sender<NewMessage>,
+    message: NewMessage,
+) -> Result<(), Error> {
+    use tokio::sync::mpsc::error::TrySendError;
+    posts.try_send(message).map_err(|e| match e {
+        TrySendError::Full(_) => Error::LogBusy,
+        TrySendError::Closed(_) => Error::LogClosed,
+    })
+}

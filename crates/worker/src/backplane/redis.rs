@@ -757,10 +757,7 @@ impl Backplane for RedisBackplane {
         if self.healthy.refusing() {
             return Err(Error::LogUnavailable);
         }
-        self.posts.try_send(message).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Error::LogBusy,
-            mpsc::error::TrySendError::Closed(_) => Error::LogClosed,
-        })
+        super::queue_post(&self.posts, message)
     }
 
     fn history(
