@@ -638,27 +638,6 @@ async fn a_client_that_pings_and_never_reads_is_still_cut(mode: Mode) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_gateways_with_one_tag_still_issue_distinct_ids() {
-    // Misconfigured with one tag, two gateways still start their counters
-    // apart (and a worker refuses an ID another gateway run holds, which
-    // the router's tests cover).
-    let cluster = Cluster::builder()
-        .gateways(2)
-        .gateway_config(|c| c.gateway_tag = Some(0xabc))
-        .start()
-        .await;
-    let mut first = Client::connect(&cluster.ws_url(0)).await;
-    let mut second = Client::connect(&cluster.ws_url(1)).await;
-    assert!(first.wsid.starts_with("00000abc-"), "{}", first.wsid);
-    assert!(second.wsid.starts_with("00000abc-"), "{}", second.wsid);
-    assert_ne!(first.wsid, second.wsid);
-    first.say("mine").await;
-    assert_eq!(second.chats(1).await[0].2, "mine");
-    assert_eq!(first.chats(1).await[0].2, "mine");
-    cluster.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_too_long_is_announced_as_a_gap() {
     let cluster = Cluster::builder()
         .gateway_config(|c| {

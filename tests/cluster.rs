@@ -35,6 +35,14 @@ fn addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
+/// Flags giving a worker its own data directory.
+fn data_dir(dir: &tempfile::TempDir) -> Vec<String> {
+    vec![
+        "--data-dir".to_owned(),
+        dir.path().to_str().unwrap().to_owned(),
+    ]
+}
+
 fn mode_flag(mode: Mode) -> String {
     mode.to_string()
 }
@@ -257,10 +265,7 @@ impl Stack {
         let mut worker_args = vec!["--presence-lease-secs".to_owned(), "3".to_owned()];
         match &redis {
             Some(r) => worker_args.extend(["--backplane".to_owned(), r.url()]),
-            None => worker_args.extend([
-                "--data-dir".to_owned(),
-                data.path().to_str().unwrap().to_owned(),
-            ]),
+            None => worker_args.extend(data_dir(&data)),
         }
         let mut stack = Stack {
             redis,
@@ -670,4 +675,93 @@ async fn a_hung_worker_with_flooding_clients_cuts_nobody() {
     stack.workers[0].proc.cont();
     check_everyone_saw(&peers, &sent).await;
     assert_no_flap(&peers, &marks, &names);
+}
+
+/// A tag names the WebSocket IDs a gateway issues. While one gateway run
+/// holds it, the worker refuses a second live link claiming it (two
+/// gateways misconfigured with one tag, or a process posing as a gateway),
+/// and the holder chats on. Once the holder is gone, the other links.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_refuses_a_second_live_gateway_with_a_held_tag() {
+    let data = tempfile::tempdir().unwrap();
+    let worker = WorkerProc::start(addr(), &data_dir(&data)).await;
+    let args = vec![
+        "--worker".to_owned(),
+        worker.url(),
+        "--gateway-tag".to_owned(),
+        "00000abc".to_owned(),
+    ];
+    let mut holder = GatewayProc::start(addr(), &args, 1).await;
+    let other = GatewayProc::start(addr(), &args, 0).await;
+    let mut peers = vec![Peer::join(&holder.ws_url(), "ann").await];
+    // The other gateway retries (backoff up to 2 s), refused every time.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_eq!(other.linked().await, Some(0), "a second holder was let in");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sent = chat(&mut peers, 3, Duration::from_millis(10), "held").await;
+    check_everyone_saw(&peers, &sent).await;
+    holder.proc.kill();
+    other.wait_linked(1).await;
+    let mut bob = Client::connect(&other.ws_url()).await;
+    bob.say("after the holder left").await;
+    let seen = bob.chats(sent.len() + 1).await;
+    assert_eq!(seen.last().unwrap().2, "after the holder left");
+}
+
+/// The worker applies limits of its own, whatever a gateway lets through:
+/// past its socket cap for one gateway an open is refused (1013), and a
+/// socket sending faster than the worker allows is closed (1008); the
+/// gateway's other sockets go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_limits_what_a_gateway_lets_through() {
+    let data = tempfile::tempdir().unwrap();
+    let mut flags = data_dir(&data);
+    flags.extend(
+        [
+            "--max-sockets-per-gateway",
+            "2",
+            "--socket-frames-per-sec",
+            "1",
+            "--socket-frame-burst",
+            "5",
+        ]
+        .map(String::from),
+    );
+    let worker = WorkerProc::start(addr(), &flags).await;
+    let gateway = GatewayProc::start(addr(), &["--worker".to_owned(), worker.url()], 1).await;
+    let mut flooder = Client::connect(&gateway.ws_url()).await;
+    let mut quiet = Client::connect(&gateway.ws_url()).await;
+    // A third socket: the worker refuses it, and the gateway closes it.
+    let (mut third, _) = tokio_tungstenite::connect_async(gateway.ws_url())
+        .await
+        .expect("handshake");
+    let code = loop {
+        match tokio::time::timeout(SETTLE, third.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(Message::Text(t)))) => {
+                assert!(!t.contains("\"Status\""), "a third socket was served: {t}")
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("third socket ended without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1013));
+    // 20 posts at once: within the gateway's burst, past the worker's.
+    for i in 0..20 {
+        flooder.say(&format!("flood {i}")).await;
+    }
+    assert_eq!(flooder.ended().await, support::Ended::Closed(1008));
+    let flooded = quiet.chats(5).await;
+    assert_eq!(flooded.last().map(|c| c.2.as_str()), Some("flood 4"));
+    quiet.say("still here").await;
+    let mine = loop {
+        let chat = quiet.chats(1).await.remove(0);
+        if chat.2 == "still here" {
+            break chat;
+        }
+        assert!(chat.2.starts_with("flood"), "unexpected {chat:?}");
+    };
+    assert_eq!(mine.2, "still here");
 }

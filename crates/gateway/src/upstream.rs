@@ -689,6 +689,15 @@ impl Upstream {
             Ok(Ok(Some(WorkerCommand {
                 command: Some(Command::Welcome(w)),
             }))) => w.log,
+            Ok(Err(status)) if status.code() == tonic::Code::AlreadyExists => {
+                error!(
+                    worker = %worker.addr,
+                    gateway_tag = format!("{:08x}", self.tag),
+                    "worker refused the link: another live gateway has this tag; \
+                     give each gateway its own --gateway-tag (or none)"
+                );
+                return false;
+            }
             _ => {
                 warn!(worker = %worker.addr, "worker did not welcome the link");
                 return false;

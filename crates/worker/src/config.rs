@@ -57,6 +57,8 @@ pub struct Config {
     pub cache_bytes: usize,
     /// Where to serve `/metrics` and `/healthz` over HTTP (`None`: nowhere).
     pub metrics_listen: Option<SocketAddr>,
+    /// What each gateway may do here, whatever its own limits.
+    pub limits: crate::runtime::Limits,
 }
 
 impl Config {
@@ -75,6 +77,7 @@ impl Config {
             max_posts_per_sec: 20_000,
             cache_bytes: 64 << 20,
             metrics_listen: None,
+            limits: crate::runtime::Limits::default(),
         }
     }
 }

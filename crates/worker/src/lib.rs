@@ -45,6 +45,7 @@ use tracing::info;
 use backplane::redis::RedisConfig;
 pub use config::{BackplaneKind, Config};
 pub use error::Error;
+pub use runtime::Limits;
 
 /// Accepted gateway connections, without Nagle's delay: a private-mode
 /// stream carries one socket's small frames, which Nagle would hold back
@@ -104,7 +105,7 @@ async fn serve<B: backplane::Backplane>(
     let addr = listener.local_addr()?;
     let app = chat::Chat::new(backplane, config.history, config.userlist_interval)
         .with_ingest_ceiling(config.max_posts_per_sec);
-    let (runtime, inbox, health) = runtime::Runtime::new(app);
+    let (runtime, inbox, health) = runtime::Runtime::new(app, config.limits);
     metrics::describe();
     let admin = match config.metrics_listen {
         Some(addr) => Some(tokio::spawn(admin::serve(

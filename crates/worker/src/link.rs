@@ -135,13 +135,14 @@ impl Worker for LinkService {
     }
 }
 
-/// A stream's response: its queued commands, unless the router cuts the
-/// stream, which ends it at once with `RESOURCE_EXHAUSTED`.
+/// A stream's response: its queued commands, unless the runtime cuts the
+/// stream (it fell too far behind, or its gateway may not link), which ends
+/// it at once with the status it is given.
 struct Commands {
     queue: ReceiverStream<WorkerCommand>,
     /// Shared with the router, which adds what it queues.
     backlog: Arc<Backlog>,
-    cut: Option<oneshot::Receiver<()>>,
+    cut: Option<oneshot::Receiver<Status>>,
 }
 
 impl tokio_stream::Stream for Commands {
@@ -150,12 +151,10 @@ impl tokio_stream::Stream for Commands {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(cut) = &mut self.cut {
             match Pin::new(cut).poll(cx) {
-                Poll::Ready(Ok(())) => {
+                Poll::Ready(Ok(status)) => {
                     self.cut = None;
                     self.queue.close();
-                    return Poll::Ready(Some(Err(Status::resource_exhausted(
-                        "stream queue full: the peer is not keeping up",
-                    ))));
+                    return Poll::Ready(Some(Err(status)));
                 }
                 // The router let the stream go without cutting it.
                 Poll::Ready(Err(_)) => self.cut = None,

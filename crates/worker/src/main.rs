@@ -56,6 +56,21 @@ struct Cli {
     /// Address for HTTP `/metrics` (Prometheus) and `/healthz`; off when unset.
     #[arg(long, env = "SHAREDCONN_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Sockets one gateway may hold open on this worker (past it: 1013).
+    #[arg(
+        long,
+        env = "SHAREDCONN_MAX_SOCKETS_PER_GATEWAY",
+        default_value_t = 100_000
+    )]
+    max_sockets_per_gateway: usize,
+    /// Frames per second one socket may send through its gateway, sustained;
+    /// past it and the burst the socket is closed (1008). Keep it above the
+    /// gateways' own limit (default twice theirs).
+    #[arg(long, env = "SHAREDCONN_SOCKET_FRAMES_PER_SEC", default_value_t = 200)]
+    socket_frames_per_sec: u32,
+    /// Frames one socket may send in a burst above that rate.
+    #[arg(long, env = "SHAREDCONN_SOCKET_FRAME_BURST", default_value_t = 400)]
+    socket_frame_burst: u32,
 }
 
 #[tokio::main]
@@ -77,6 +92,11 @@ async fn main() -> anyhow::Result<()> {
     config.link_token = cli.link_token.filter(|t| !t.is_empty());
     config.drain_grace = Duration::from_secs(cli.drain_grace_secs);
     config.metrics_listen = cli.metrics_listen;
+    config.limits = sharedconn_worker::Limits {
+        sockets_per_gateway: cli.max_sockets_per_gateway.max(1),
+        frames_per_sec: cli.socket_frames_per_sec.max(1),
+        frame_burst: cli.socket_frame_burst.max(1),
+    };
     let listener = sharedconn_common::listen(cli.listen)
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
     sharedconn_worker::run(listener, config, sharedconn_common::shutdown_signal())

@@ -13,6 +13,7 @@ use sharedconn_proto::{
     Ack, Deliver, Disconnect, Draining, Park, Welcome, WorkerCommand, worker_command::Command,
 };
 use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
 use tracing::warn;
 
 use crate::app::{Frames, WsId};
@@ -89,9 +90,9 @@ struct Stream {
     /// What is queued for this stream and not yet taken by its response
     /// (see [`MAX_QUEUED_IDS`], [`Backlog::max_bytes`]).
     backlog: Arc<Backlog>,
-    /// Tells the response to end with `RESOURCE_EXHAUSTED` at once, ahead
-    /// of whatever is queued.
-    cut_tx: Option<oneshot::Sender<()>>,
+    /// Tells the response to end with this status at once, ahead of
+    /// whatever is queued.
+    cut_tx: Option<oneshot::Sender<Status>>,
     /// Open sockets on this stream, in no particular order (`swap_remove`).
     members: Vec<WsId>,
     /// Set when the queue overflowed and the stream was cut; the stream's
@@ -101,12 +102,23 @@ struct Stream {
     acks: Ack,
 }
 
+/// One run of a gateway (one boot id) with streams here.
+struct Gateway {
+    tag: u32,
+    streams: usize,
+    sockets: usize,
+}
+
 /// WebSocket ID → stream, plus every stream's members.
 #[derive(Default)]
 pub struct Router {
     streams: HashMap<StreamId, Stream>,
     /// For each open socket: its stream and its index in that stream's members.
     sockets: HashMap<WsId, (StreamId, usize)>,
+    /// The gateways with a stream up, by boot id: counted as streams come
+    /// and go, since private mode has one stream per socket and a scan of
+    /// them all on every stream change would cost O(sockets) each.
+    gateways: HashMap<u64, Gateway>,
     /// Streams with acknowledgements waiting for [`Router::flush_acks`].
     acking: Vec<StreamId>,
     /// Set when a push left some stream over [`CONGESTED_IDS`]; only then
@@ -122,8 +134,16 @@ impl Router {
         peer: Peer,
         tx: StreamTx,
         backlog: Arc<Backlog>,
-        cut_tx: oneshot::Sender<()>,
+        cut_tx: oneshot::Sender<Status>,
     ) {
+        self.gateways
+            .entry(peer.boot)
+            .or_insert(Gateway {
+                tag: peer.tag,
+                streams: 0,
+                sockets: 0,
+            })
+            .streams += 1;
         self.streams.insert(
             id,
             Stream {
@@ -146,6 +166,14 @@ impl Router {
         for ws in &stream.members {
             self.sockets.remove(ws);
         }
+        let boot = stream.peer.boot;
+        if let Some(gateway) = self.gateways.get_mut(&boot) {
+            gateway.streams -= 1;
+            gateway.sockets -= stream.members.len();
+            if gateway.streams == 0 {
+                self.gateways.remove(&boot);
+            }
+        }
         stream.members
     }
 
@@ -156,7 +184,21 @@ impl Router {
 
     /// Whether another stream from the same run of a gateway is up.
     pub fn boot_linked(&self, boot: u64) -> bool {
-        self.streams.values().any(|s| s.peer.boot == boot)
+        self.gateways.contains_key(&boot)
+    }
+
+    /// Whether another run of a gateway with this tag has a stream up: a
+    /// tag names the WebSocket IDs a gateway issues, so two live holders
+    /// would open each other's sockets.
+    pub fn tag_held_by_another(&self, tag: u32, boot: u64) -> bool {
+        self.gateways
+            .iter()
+            .any(|(b, g)| g.tag == tag && *b != boot)
+    }
+
+    /// Sockets open here from one run of a gateway.
+    pub fn gateway_sockets(&self, boot: u64) -> usize {
+        self.gateways.get(&boot).map_or(0, |g| g.sockets)
     }
 
     /// Registers an open socket. A socket open on another stream of the same
@@ -179,6 +221,9 @@ impl Router {
         };
         self.sockets.insert(ws, (stream, s.members.len()));
         s.members.push(ws);
+        if let Some(gateway) = self.gateways.get_mut(&boot) {
+            gateway.sockets += 1;
+        }
         true
     }
 
@@ -191,6 +236,9 @@ impl Router {
             s.members.swap_remove(index);
             if let Some(&moved) = s.members.get(index) {
                 self.sockets.insert(moved, (stream, index));
+            }
+            if let Some(gateway) = self.gateways.get_mut(&s.peer.boot) {
+                gateway.sockets -= 1;
             }
         }
         true
@@ -397,7 +445,9 @@ impl Router {
                 s.cut = true;
                 crate::metrics::stream_cut();
                 if let Some(cut) = s.cut_tx.take() {
-                    let _ = cut.send(());
+                    let _ = cut.send(Status::resource_exhausted(
+                        "stream queue full: the peer is not keeping up",
+                    ));
                 }
             }
             // The response went away; the stream reader reports it down soon.

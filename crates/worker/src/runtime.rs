@@ -35,6 +35,41 @@ const STATUS_EVERY: Duration = Duration::from_secs(60);
 /// are re-attached in well under this, and a gateway that never says
 /// `Synced` must not freeze the list.
 const HOLD_LISTS_MAX: Duration = Duration::from_secs(5);
+/// Close code for a socket whose gateway let through more frames than the
+/// worker's limit: 1008, policy violation.
+const TOO_MANY_FRAMES_CODE: u16 = 1008;
+
+/// What the worker allows each gateway, whatever the gateway's own limits
+/// say: holding the link token lets a process link, it does not make what
+/// it sends right.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Sockets one run of a gateway may hold open on this worker.
+    pub sockets_per_gateway: usize,
+    /// Frames one socket may send per second, sustained.
+    pub frames_per_sec: u32,
+    /// Frames one socket may send in a burst above the sustained rate.
+    pub frame_burst: u32,
+}
+
+impl Default for Limits {
+    /// Twice what a gateway allows by default (100 frames/s, a burst of
+    /// 200, 100,000 sockets), so an honest gateway never meets them: it
+    /// also re-sends up to 32 unacknowledged frames on a re-attach.
+    fn default() -> Self {
+        Limits {
+            sockets_per_gateway: 100_000,
+            frames_per_sec: 200,
+            frame_burst: 400,
+        }
+    }
+}
+
+/// One socket's frame allowance (a token bucket).
+struct Bucket {
+    tokens: f32,
+    at: Instant,
+}
 
 /// One thing that happened on a link stream.
 #[derive(Debug)]
@@ -46,7 +81,7 @@ pub enum Input {
         resuming: bool,
         tx: StreamTx,
         backlog: Arc<crate::router::Backlog>,
-        cut: oneshot::Sender<()>,
+        cut: oneshot::Sender<tonic::Status>,
     },
     StreamDown {
         stream: StreamId,
@@ -91,10 +126,13 @@ pub struct Runtime<A> {
     resuming: HashMap<StreamId, Instant>,
     /// The application's health, for the health service.
     health: watch::Sender<bool>,
+    limits: Limits,
+    /// Each open socket's frame allowance.
+    buckets: HashMap<WsId, Bucket>,
 }
 
 impl<A: WebSocketApp> Runtime<A> {
-    pub fn new(app: A) -> (Self, mpsc::Sender<Input>, watch::Receiver<bool>) {
+    pub fn new(app: A, limits: Limits) -> (Self, mpsc::Sender<Input>, watch::Receiver<bool>) {
         let (tx, inbox) = mpsc::channel(INBOX_CAPACITY);
         let (health, health_rx) = watch::channel(app.healthy());
         let runtime = Runtime {
@@ -103,6 +141,8 @@ impl<A: WebSocketApp> Runtime<A> {
             inbox,
             resuming: HashMap::new(),
             health,
+            limits,
+            buckets: HashMap::new(),
         };
         (runtime, tx, health_rx)
     }
@@ -201,6 +241,17 @@ impl<A: WebSocketApp> Runtime<A> {
                 backlog,
                 cut,
             } => {
+                if self.router.tag_held_by_another(peer.tag, peer.boot) {
+                    warn!(
+                        gateway_tag = format!("{:08x}", peer.tag),
+                        boot_id = format!("{:016x}", peer.boot),
+                        "link refused: another live gateway holds this tag"
+                    );
+                    let _ = cut.send(tonic::Status::already_exists(
+                        "another live gateway holds this gateway tag",
+                    ));
+                    return;
+                }
                 // A gateway's first stream here starts holding its lease; its
                 // later ones (a private stream per socket) change nothing.
                 let first = !self.router.boot_linked(peer.boot);
@@ -219,6 +270,7 @@ impl<A: WebSocketApp> Runtime<A> {
                 let detached = self.router.remove_stream(stream);
                 debug!(stream, sockets = detached.len(), "stream down");
                 for ws in detached {
+                    self.buckets.remove(&ws);
                     self.app.on_detach(ws);
                 }
                 if let Some(peer) = peer
@@ -229,7 +281,27 @@ impl<A: WebSocketApp> Runtime<A> {
                 self.synced(stream);
             }
             Input::Open { stream, ws, open } => {
-                if self.router.add_socket(ws, stream) {
+                let over_cap = self.router.stream_of(ws).is_none()
+                    && self.router.peer(stream).is_some_and(|peer| {
+                        self.router.gateway_sockets(peer.boot) >= self.limits.sockets_per_gateway
+                    });
+                if over_cap {
+                    warn!(
+                        stream,
+                        ws_id = ws,
+                        cap = self.limits.sockets_per_gateway,
+                        "open refused: the gateway holds as many sockets here as it may"
+                    );
+                    self.router
+                        .disconnect_on(stream, ws, REFUSED_CODE, "server full, reconnect");
+                } else if self.router.add_socket(ws, stream) {
+                    self.buckets.insert(
+                        ws,
+                        Bucket {
+                            tokens: self.limits.frame_burst as f32,
+                            at: Instant::now(),
+                        },
+                    );
                     self.app
                         .on_open(ws, open, &mut Outbox::new(&mut self.router))
                         .await;
@@ -248,6 +320,20 @@ impl<A: WebSocketApp> Runtime<A> {
                 // socket not open here is not acknowledged: its gateway
                 // sends it again once the socket is attached.
                 if self.router.stream_of(ws) != Some(stream) {
+                    return;
+                }
+                if let Some(cut_now) = self.over_frame_rate(ws) {
+                    // Frames already on their way after the cut are dropped.
+                    if cut_now {
+                        warn!(
+                            stream,
+                            ws_id = ws,
+                            "socket over the worker's frame rate: its gateway does not limit it"
+                        );
+                        self.router
+                            .disconnect(ws, TOO_MANY_FRAMES_CODE, "too many messages");
+                    }
+                    self.router.ack_on(stream, ws, seq);
                     return;
                 }
                 // The gateway forwards text frames only, checked as UTF-8.
@@ -270,6 +356,7 @@ impl<A: WebSocketApp> Runtime<A> {
                 match self.router.stream_of(ws) {
                     Some(s) if s == stream => {
                         self.router.remove_socket(ws);
+                        self.buckets.remove(&ws);
                     }
                     // Open on another stream: that stream speaks for it.
                     Some(_) => return,
@@ -298,6 +385,27 @@ impl<A: WebSocketApp> Runtime<A> {
                 }
             }
         }
+    }
+
+    /// Takes one frame from `ws`'s allowance. `None`: within it;
+    /// `Some(true)`: over it for the first time (the socket is to be closed);
+    /// `Some(false)`: over it again, already closing.
+    fn over_frame_rate(&mut self, ws: WsId) -> Option<bool> {
+        let bucket = self.buckets.get_mut(&ws)?;
+        if bucket.tokens == f32::NEG_INFINITY {
+            return Some(false);
+        }
+        let now = Instant::now();
+        let refill =
+            now.duration_since(bucket.at).as_secs_f32() * self.limits.frames_per_sec as f32;
+        bucket.tokens = (bucket.tokens + refill).min(self.limits.frame_burst as f32);
+        bucket.at = now;
+        if bucket.tokens < 1.0 {
+            bucket.tokens = f32::NEG_INFINITY;
+            return Some(true);
+        }
+        bucket.tokens -= 1.0;
+        None
     }
 
     fn synced(&mut self, stream: StreamId) {
