@@ -23,7 +23,7 @@ use crate::chart::{self, Chart, Panel, Series};
 use crate::cli::{ChatArgs, CompareArgs, Mode, ScenarioCmd};
 use crate::launch::{LaunchConfig, Stack};
 use crate::procstat::Watched;
-use crate::report::{Report, median};
+use crate::report::{Report, median, text_table};
 use crate::scenario::{self, Setup};
 
 /// One scenario run against one mode.
@@ -67,21 +67,17 @@ pub struct Machine {
 
 impl Machine {
     pub fn collect() -> Machine {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        use procfs::Current;
         Machine {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            cpu_model: cpuinfo
-                .lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string()),
-            mem_total_mib: meminfo
-                .lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-                .map(|kb| kb / 1024),
+            cpu_model: procfs::CpuInfo::current()
+                .ok()
+                .and_then(|c| c.model_name(0).map(str::to_string)),
+            mem_total_mib: procfs::Meminfo::current()
+                .ok()
+                .map(|m| m.mem_total / (1024 * 1024)),
+            // One-line files kept as the kernel wrote them ("6.8.0-45-generic",
+            // "0.52 0.58 0.59 1/467 12345"), not parsed.
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .ok()
                 .map(|s| s.trim().to_string()),
@@ -245,8 +241,8 @@ pub async fn run(args: &CompareArgs, quiet: bool) -> anyhow::Result<CompareRepor
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", json_path.display()))?;
     let svg_path = base.with_extension("svg");
-    std::fs::write(&svg_path, chart::render(&chart_of(&report)))
-        .with_context(|| format!("writing {}", svg_path.display()))?;
+    let svg = chart::render(&chart_of(&report)).context("drawing the chart")?;
+    std::fs::write(&svg_path, svg).with_context(|| format!("writing {}", svg_path.display()))?;
     println!("json:  {}", json_path.display());
     println!("chart: {}", svg_path.display());
     println!("logs:  {}", log_dir.display());
@@ -368,14 +364,6 @@ fn step(runs: &[Run], modes: &[Mode], rate: Option<f64>) -> Step {
             }
         }
     }
-    let value = |run: &Run, key: &str| -> Option<f64> {
-        run.report
-            .as_ref()?
-            .metrics()
-            .into_iter()
-            .find(|m| m.key == key)?
-            .value
-    };
     let rows = keys
         .into_iter()
         .map(|(key, label, unit)| {
@@ -385,7 +373,7 @@ fn step(runs: &[Run], modes: &[Mode], rate: Option<f64>) -> Step {
                 let values: Vec<f64> = at_rate
                     .iter()
                     .filter(|r| r.mode == mode)
-                    .filter_map(|r| value(r, key))
+                    .filter_map(|r| value_of(r, key))
                     .collect();
                 if let Some(m) = median(&values) {
                     med.insert(mode, m);
@@ -400,7 +388,7 @@ fn step(runs: &[Run], modes: &[Mode], rate: Option<f64>) -> Step {
                         let base = at_rate
                             .iter()
                             .find(|b| b.mode == Mode::Baseline && b.round == r.round)?;
-                        let (v, b) = (value(r, key)?, value(base, key)?);
+                        let (v, b) = (value_of(r, key)?, value_of(base, key)?);
                         (b != 0.0).then_some(v / b)
                     })
                     .collect();
@@ -418,6 +406,16 @@ fn step(runs: &[Run], modes: &[Mode], rate: Option<f64>) -> Step {
         })
         .collect();
     Step { rate, rows }
+}
+
+/// The metric `key` of one run, if the run succeeded and has it.
+fn value_of(run: &Run, key: &str) -> Option<f64> {
+    run.report
+        .as_ref()?
+        .metrics()
+        .into_iter()
+        .find(|m| m.key == key)?
+        .value
 }
 
 /// Per mode, the best median `key` (deliveries/s, posts/s) among lossless steps.
@@ -471,43 +469,31 @@ pub fn table(report: &CompareReport) -> String {
         .copied()
         .filter(|m| *m != Mode::Baseline && report.modes.contains(&Mode::Baseline))
         .collect();
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     for step in &report.steps {
         if let Some(rate) = step.rate {
             let _ = writeln!(out, "\nrate {rate} msg/s");
         }
-        let mut header = format!("{:<34}", "metric");
-        for m in &report.modes {
-            let _ = write!(header, "{:>16}", m.name());
-        }
-        for m in &ratio_modes {
-            let _ = write!(header, "{:>21}", format!("{}/base", m.name()));
-        }
-        let _ = writeln!(out, "{header}");
+        let header = std::iter::once("metric".to_string())
+            .chain(report.modes.iter().map(|m| m.name().to_string()))
+            .chain(ratio_modes.iter().map(|m| format!("{}/base", m.name())));
+        let mut t = text_table(header);
         for row in &step.rows {
-            let label = if row.unit.is_empty() {
+            let label = if row.unit.is_empty() || row.label.ends_with(row.unit) {
                 row.label.to_string()
             } else {
                 format!("{} ({})", row.label, row.unit)
             };
-            let mut line = format!("{label:<34}");
-            for m in &report.modes {
-                let cell = row
-                    .median
-                    .get(m)
-                    .map(|v| chart::fmt_num(*v))
-                    .unwrap_or_else(|| "-".into());
-                let _ = write!(line, "{cell:>16}");
-            }
-            for m in &ratio_modes {
-                let cell = row
-                    .ratio_to_baseline
-                    .get(m)
-                    .map(|v| format!("{v:.2}x"))
-                    .unwrap_or_else(|| "-".into());
-                let _ = write!(line, "{cell:>21}");
-            }
-            let _ = writeln!(out, "{line}");
+            let medians = report
+                .modes
+                .iter()
+                .map(|m| or_dash(row.median.get(m).map(|v| chart::fmt_num(*v))));
+            let ratios = ratio_modes
+                .iter()
+                .map(|m| or_dash(row.ratio_to_baseline.get(m).map(|v| format!("{v:.2}x"))));
+            t.add_row(std::iter::once(label).chain(medians).chain(ratios));
         }
+        let _ = writeln!(out, "{t}");
     }
     if report.steps.len() > 1 && !report.max_sustained_deliveries_per_sec.is_empty() {
         let _ = writeln!(
@@ -518,25 +504,21 @@ pub fn table(report: &CompareReport) -> String {
             .max_sustained_deliveries_per_sec
             .get(&Mode::Baseline)
             .copied();
+        let mut t = text_table(["mode", "deliveries/s", "/base", "posts/s"]);
         for (mode, v) in &report.max_sustained_deliveries_per_sec {
             let ratio = match base {
-                Some(b) if b > 0.0 && *mode != Mode::Baseline => {
-                    format!("  ({:.2}x baseline)", v / b)
-                }
-                _ => String::new(),
+                Some(b) if b > 0.0 && *mode != Mode::Baseline => format!("{:.2}x", v / b),
+                _ => "-".into(),
             };
-            let posts = report
-                .max_sustained_posts_per_sec
-                .get(mode)
-                .map(|p| format!("  ({} posts/s)", chart::fmt_num(*p)))
-                .unwrap_or_default();
-            let _ = writeln!(
-                out,
-                "  {:<16}{:>12}{ratio}{posts}",
-                mode.name(),
-                chart::fmt_num(*v)
-            );
+            let posts = report.max_sustained_posts_per_sec.get(mode);
+            t.add_row([
+                mode.name().to_string(),
+                chart::fmt_num(*v),
+                ratio,
+                or_dash(posts.map(|p| chart::fmt_num(*p))),
+            ]);
         }
+        let _ = writeln!(out, "{t}");
     }
     let failed: Vec<&Run> = report.runs.iter().filter(|r| r.error.is_some()).collect();
     if !failed.is_empty() {
@@ -577,25 +559,45 @@ fn describe(params: &serde_json::Value, scenario: &str) -> String {
     }
 }
 
-/// The chart for a comparison.
+/// The chart for a comparison: medians as the marks, and the lowest to the
+/// highest round as whiskers when there were several rounds.
 fn chart_of(report: &CompareReport) -> Chart {
     let modes = &report.modes;
-    let series_of = |step: &Step, keys: &[&str]| -> Vec<Series> {
-        modes
+    // One mode's series over (sweep step, metric key) points.
+    let series = |mode: Mode, points: &[(&Step, &str)]| -> Series {
+        let (values, spread) = points
             .iter()
-            .map(|m| Series {
-                name: m.name().to_string(),
-                values: keys
+            .map(|&(step, key)| {
+                let median = step
+                    .rows
                     .iter()
-                    .map(|k| {
-                        step.rows
-                            .iter()
-                            .find(|r| r.key == *k)
-                            .and_then(|r| r.median.get(m).copied())
-                    })
-                    .collect(),
+                    .find(|r| r.key == key)
+                    .and_then(|r| r.median.get(&mode).copied());
+                let rounds: Vec<f64> = report
+                    .runs
+                    .iter()
+                    .filter(|r| r.mode == mode && r.rate == step.rate)
+                    .filter_map(|r| value_of(r, key))
+                    .filter(|v| v.is_finite())
+                    .collect();
+                let spread = (rounds.len() > 1).then(|| {
+                    let low = rounds.iter().copied().fold(f64::INFINITY, f64::min);
+                    let high = rounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    (low, high)
+                });
+                (median, spread)
             })
-            .collect()
+            .unzip();
+        Series {
+            name: mode.name().to_string(),
+            values,
+            spread,
+        }
+    };
+    // Each mode at one step, over several metrics.
+    let series_of = |step: &Step, keys: &[&str]| -> Vec<Series> {
+        let points: Vec<(&Step, &str)> = keys.iter().map(|&k| (step, k)).collect();
+        modes.iter().map(|&m| series(m, &points)).collect()
     };
     let mut panels = Vec::new();
     let first = report.steps.first();
@@ -606,67 +608,50 @@ fn chart_of(report: &CompareReport) -> Chart {
                 .iter()
                 .map(|s| format!("{} msg/s", chart::fmt_num(s.rate.unwrap_or(0.0))))
                 .collect();
+            // Each mode at one metric, over the steps.
             let across = |key: &str| -> Vec<Series> {
-                modes
-                    .iter()
-                    .map(|m| Series {
-                        name: m.name().to_string(),
-                        values: report
-                            .steps
-                            .iter()
-                            .map(|s| {
-                                s.rows
-                                    .iter()
-                                    .find(|r| r.key == key)
-                                    .and_then(|r| r.median.get(m).copied())
-                            })
-                            .collect(),
-                    })
-                    .collect()
+                let points: Vec<(&Step, &str)> = report.steps.iter().map(|s| (s, key)).collect();
+                modes.iter().map(|&m| series(m, &points)).collect()
             };
             panels.push(Panel::Lines {
                 title: "Throughput achieved vs offered rate".into(),
-                unit: "deliveries/s".into(),
+                y_label: "deliveries/s".into(),
                 categories: categories.clone(),
                 series: across("deliveries_per_sec"),
-                log_y: false,
             });
             panels.push(Panel::Lines {
                 title: "Latency p99 vs offered rate".into(),
-                unit: "ms".into(),
+                y_label: "latency p99 (ms)".into(),
                 categories: categories.clone(),
                 series: across("p99_ms"),
-                log_y: true,
             });
             panels.push(Panel::Lines {
                 title: "Server CPU per delivery vs offered rate".into(),
-                unit: "µs".into(),
+                y_label: "CPU per delivery (µs)".into(),
                 categories,
                 series: across("cpu_us_per_delivery"),
-                log_y: false,
             });
         }
         "chat" => {
             if let Some(step) = first {
                 panels.push(Panel::Lines {
                     title: "End-to-end latency percentiles".into(),
-                    unit: "ms".into(),
+                    y_label: "latency (ms)".into(),
                     categories: ["p50", "p90", "p99", "p99.9", "max"]
                         .map(String::from)
                         .to_vec(),
                     series: series_of(step, &["p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms"]),
-                    log_y: true,
                 });
                 panels.push(Panel::Bars {
                     title: "Throughput".into(),
-                    unit: "deliveries/s".into(),
+                    y_label: "deliveries/s".into(),
                     categories: vec!["deliveries/s".into()],
                     series: series_of(step, &["deliveries_per_sec"]),
                 });
                 panels.push(Panel::Bars {
                     title: "Server CPU per delivered message (gateway + worker, or baseline)"
                         .into(),
-                    unit: "µs".into(),
+                    y_label: "CPU per delivery (µs)".into(),
                     categories: vec!["CPU per delivery".into()],
                     series: series_of(step, &["cpu_us_per_delivery"]),
                 });
@@ -676,7 +661,7 @@ fn chart_of(report: &CompareReport) -> Chart {
             if let Some(step) = first {
                 panels.push(Panel::Bars {
                     title: "RSS per idle socket".into(),
-                    unit: "bytes".into(),
+                    y_label: "RSS per socket (bytes)".into(),
                     categories: vec!["gateway".into(), "worker".into(), "baseline".into()],
                     series: series_of(
                         step,
@@ -693,13 +678,13 @@ fn chart_of(report: &CompareReport) -> Chart {
             if let Some(step) = first {
                 panels.push(Panel::Bars {
                     title: "Join storm: time until every user list is complete".into(),
-                    unit: "s".into(),
+                    y_label: "time (s)".into(),
                     categories: vec!["all complete".into(), "p50 complete".into()],
                     series: series_of(step, &["all_complete_s", "complete_p50_s"]),
                 });
                 panels.push(Panel::Bars {
                     title: "Connects per second".into(),
-                    unit: "/s".into(),
+                    y_label: "connects/s".into(),
                     categories: vec!["connects/s".into()],
                     series: series_of(step, &["connects_per_sec"]),
                 });
@@ -725,4 +710,110 @@ pub fn stamp() -> String {
     time::OffsetDateTime::now_utc()
         .format(&format)
         .unwrap_or_else(|_| "now".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{ChatReport, Latency};
+
+    fn chat_run(mode: Mode, round: usize, p99_ms: u64) -> Run {
+        let latency = Latency {
+            count: 100,
+            p50_us: 1_000,
+            p90_us: 2_000,
+            p99_us: p99_ms * 1_000,
+            p999_us: 50_000,
+            max_us: 90_000,
+            mean_us: 1_500.0,
+        };
+        Run {
+            mode,
+            round,
+            rate: None,
+            report: Some(Report::Chat(ChatReport {
+                deliveries_per_sec: 1_000.0,
+                latency,
+                ..ChatReport::default()
+            })),
+            error: None,
+        }
+    }
+
+    /// Baseline p99 3, 5 and 4 ms over three rounds, shared 6, 6 and 9 ms.
+    fn three_rounds() -> CompareReport {
+        let modes = vec![Mode::Baseline, Mode::Shared];
+        let mut runs = Vec::new();
+        for (round, (base, shared)) in [(3, 6), (5, 6), (4, 9)].into_iter().enumerate() {
+            runs.push(chat_run(Mode::Baseline, round, base));
+            runs.push(chat_run(Mode::Shared, round, shared));
+        }
+        CompareReport {
+            scenario: "chat",
+            parameters: serde_json::json!({
+                "scenario": {"clients": 10, "senders": 2, "rate": 50.0, "duration": 1.0},
+                "rates": [],
+            }),
+            modes: modes.clone(),
+            repeat: 3,
+            machine: Machine {
+                cpus: 2,
+                cpu_model: None,
+                mem_total_mib: None,
+                kernel: None,
+                loadavg_at_start: None,
+            },
+            steps: vec![step(&runs, &modes, None)],
+            max_sustained_deliveries_per_sec: BTreeMap::new(),
+            max_sustained_posts_per_sec: BTreeMap::new(),
+            runs,
+        }
+    }
+
+    fn latency_series(chart: &Chart) -> &[Series] {
+        let Panel::Lines {
+            y_label, series, ..
+        } = &chart.panels[0]
+        else {
+            panic!("the first chat panel is the latency lines");
+        };
+        assert_eq!(y_label, "latency (ms)");
+        series
+    }
+
+    #[test]
+    fn chart_marks_medians_with_the_spread_of_rounds() {
+        let chart = chart_of(&three_rounds());
+        let series = latency_series(&chart);
+        // p50, p90, p99, ...: p99 is the third point.
+        assert_eq!(series[0].name, "baseline");
+        assert_eq!(series[0].values[2], Some(4.0));
+        assert_eq!(series[0].spread[2], Some((3.0, 5.0)));
+        assert_eq!(series[1].values[2], Some(6.0));
+        assert_eq!(series[1].spread[2], Some((6.0, 9.0)));
+        assert!(chart::render(&chart).unwrap().contains("lowest to highest"));
+    }
+
+    #[test]
+    fn one_round_has_no_spread() {
+        let mut report = three_rounds();
+        report.runs.retain(|r| r.round == 0);
+        report.repeat = 1;
+        let chart = chart_of(&report);
+        let series = latency_series(&chart);
+        assert!(series.iter().all(|s| s.spread.iter().all(Option::is_none)));
+    }
+
+    #[test]
+    fn table_has_medians_and_within_round_ratios() {
+        let text = table(&three_rounds());
+        let p99 = text
+            .lines()
+            .find(|l| l.contains("latency p99 (ms)"))
+            .expect("a p99 row");
+        // Per round 6/3, 6/5, 9/4: the median ratio is 2.
+        let cells: Vec<&str> = p99.split('|').map(str::trim).collect();
+        assert_eq!(cells[1..5], ["latency p99 (ms)", "4", "6", "2.00x"]);
+        assert!(text.contains("| deliveries/s "), "{text}");
+    }
 }

@@ -1,17 +1,23 @@
 //! CPU time and memory of the server processes (and of the tool itself), from
-//! `/proc`.
+//! `/proc`, read and parsed by the `procfs` crate.
 //!
 //! CPU is `utime + stime` of `/proc/PID/stat` (all threads, dead ones
-//! included), read at the start and end of the measured window. Memory is
-//! `VmRSS`, sampled every [`SAMPLE_EVERY`] by a background task that keeps the
-//! peak: the kernel's own `VmHWM` is a peak since the process started, which
-//! would mix in earlier runs against the same process (it is reported too).
+//! included), read at the start and end of the measured window. Memory is the
+//! resident set of `/proc/PID/statm`, sampled every [`SAMPLE_EVERY`] by a
+//! background task that keeps the peak: the kernel's own `VmHWM` is a peak
+//! since the process started, which would mix in earlier runs against the
+//! same process (it is reported too).
+//!
+//! A [`Monitor`] opens each `/proc/PID` directory once and reads through that
+//! handle, so a sample costs the same open, read and close of `statm` as a
+//! path would, and a pid the kernel hands to a new process after ours exited
+//! reads as gone instead of as the stranger.
 
-use std::fs;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use procfs::process::Process;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -41,49 +47,37 @@ impl Watched {
 pub struct Sample {
     pub cpu_seconds: f64,
     pub rss_bytes: u64,
+    /// Neither a zombie nor dead: still running.
+    pub running: bool,
 }
 
 /// Reads CPU seconds and RSS of `pid` now.
 pub fn sample(pid: u32) -> Option<Sample> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let ticks = parse_stat_cpu_ticks(&stat)?;
+    sample_of(&open(pid)?)
+}
+
+/// `/proc/PID` of `pid`, if it exists and is readable.
+fn open(pid: u32) -> Option<Process> {
+    Process::new(i32::try_from(pid).ok()?).ok()
+}
+
+fn sample_of(process: &Process) -> Option<Sample> {
+    let stat = process.stat().ok()?;
     Some(Sample {
-        cpu_seconds: ticks as f64 / crate::sys::clock_ticks_per_sec() as f64,
-        rss_bytes: rss_bytes(pid)?,
+        cpu_seconds: (stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64,
+        rss_bytes: rss_of(process)?,
+        running: !matches!(stat.state, 'Z' | 'X'),
     })
 }
 
-/// RSS of `pid` from `/proc/PID/statm` (resident pages).
-pub fn rss_bytes(pid: u32) -> Option<u64> {
-    let statm = fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let resident: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(resident * crate::sys::page_size())
+/// RSS of `process` from `/proc/PID/statm` (resident pages).
+fn rss_of(process: &Process) -> Option<u64> {
+    Some(process.statm().ok()?.resident * procfs::page_size())
 }
 
-/// `utime + stime` from a `/proc/PID/stat` line. The command name in
-/// parentheses may hold spaces and parentheses, so fields are counted after
-/// the last `)`.
-pub fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
-    let after = &stat[stat.rfind(')')? + 1..];
-    let mut fields = after.split_whitespace();
-    // After the name: state(3) ppid pgrp session tty_nr tpgid flags minflt
-    // cminflt majflt cmajflt utime(14) stime(15).
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// `VmHWM` (peak RSS since start) of `pid`, in bytes.
-pub fn hwm_bytes(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// Open file descriptors of `pid`.
-pub fn open_fds(pid: u32) -> Option<usize> {
-    Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+/// `VmHWM` (peak RSS since start) of `process`, in bytes.
+fn hwm_of(process: &Process) -> Option<u64> {
+    Some(process.status().ok()?.vmhwm? * 1024)
 }
 
 /// What the report says about one process over one measured window.
@@ -108,6 +102,9 @@ pub struct ProcReport {
 /// edges of a window.
 pub struct Monitor {
     procs: Vec<Watched>,
+    /// `/proc/PID` of each watched process, `None` where it was not there at
+    /// the start; shared with the sampler.
+    handles: Arc<Vec<Option<Process>>>,
     peaks: Arc<Mutex<Vec<u64>>>,
     first: Vec<Sample>,
     cpu_start: Vec<f64>,
@@ -118,20 +115,20 @@ pub struct Monitor {
 impl Monitor {
     /// Starts sampling. The first sample is the `rss_start` of the report.
     pub fn start(procs: Vec<Watched>) -> Monitor {
-        let first: Vec<Sample> = procs
-            .iter()
-            .map(|p| sample(p.pid).unwrap_or_default())
-            .collect();
+        let handles: Arc<Vec<Option<Process>>> =
+            Arc::new(procs.iter().map(|p| open(p.pid)).collect());
+        let first = Self::sample_all(&handles);
         let peaks = Arc::new(Mutex::new(first.iter().map(|s| s.rss_bytes).collect()));
         let stop = CancellationToken::new();
         let sampler = tokio::spawn(sample_peaks(
-            procs.iter().map(|p| p.pid).collect(),
+            Arc::clone(&handles),
             Arc::clone(&peaks),
             stop.clone(),
         ));
         let cpu_start = first.iter().map(|s| s.cpu_seconds).collect();
         Monitor {
             procs,
+            handles,
             peaks,
             first,
             cpu_start,
@@ -140,34 +137,42 @@ impl Monitor {
         }
     }
 
+    fn sample_all(handles: &[Option<Process>]) -> Vec<Sample> {
+        handles
+            .iter()
+            .map(|h| h.as_ref().and_then(sample_of).unwrap_or_default())
+            .collect()
+    }
+
     /// Starts the CPU window now (by default it starts with the monitor).
     pub fn mark_cpu_start(&mut self) {
-        self.cpu_start = self
-            .procs
+        self.cpu_start = Self::sample_all(&self.handles)
             .iter()
-            .map(|p| sample(p.pid).map(|s| s.cpu_seconds).unwrap_or_default())
+            .map(|s| s.cpu_seconds)
             .collect();
     }
 
     /// RSS of each process now.
     pub fn rss_now(&self) -> Vec<u64> {
-        self.procs
-            .iter()
-            .map(|p| rss_bytes(p.pid).unwrap_or_default())
-            .collect()
+        rss_all(&self.handles)
     }
 
     /// Ends the CPU window and the sampling; one report per process, in the
     /// order they were given.
     pub async fn finish(self, count_fds: bool) -> Vec<ProcReport> {
-        let end: Vec<Option<Sample>> = self.procs.iter().map(|p| sample(p.pid)).collect();
+        let end: Vec<Option<Sample>> = self
+            .handles
+            .iter()
+            .map(|h| h.as_ref().and_then(sample_of))
+            .collect();
         self.stop.cancel();
         let _ = self.sampler.await;
         let peaks = self.peaks.lock().unwrap_or_else(|e| e.into_inner()).clone();
         self.procs
             .iter()
+            .zip(self.handles.iter())
             .enumerate()
-            .map(|(i, p)| {
+            .map(|(i, (p, handle))| {
                 let end_sample = end[i].unwrap_or_default();
                 ProcReport {
                     role: p.role.clone(),
@@ -176,16 +181,30 @@ impl Monitor {
                     rss_start_bytes: self.first[i].rss_bytes,
                     rss_end_bytes: end_sample.rss_bytes,
                     rss_peak_bytes: peaks[i].max(end_sample.rss_bytes),
-                    hwm_bytes: hwm_bytes(p.pid),
-                    open_fds: if count_fds { open_fds(p.pid) } else { None },
-                    alive: end[i].is_some(),
+                    hwm_bytes: handle.as_ref().and_then(hwm_of),
+                    open_fds: handle
+                        .as_ref()
+                        .filter(|_| count_fds)
+                        .and_then(|h| h.fd_count().ok()),
+                    alive: end_sample.running,
                 }
             })
             .collect()
     }
 }
 
-async fn sample_peaks(pids: Vec<u32>, peaks: Arc<Mutex<Vec<u64>>>, stop: CancellationToken) {
+fn rss_all(handles: &[Option<Process>]) -> Vec<u64> {
+    handles
+        .iter()
+        .map(|h| h.as_ref().and_then(rss_of).unwrap_or_default())
+        .collect()
+}
+
+async fn sample_peaks(
+    handles: Arc<Vec<Option<Process>>>,
+    peaks: Arc<Mutex<Vec<u64>>>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -193,10 +212,7 @@ async fn sample_peaks(pids: Vec<u32>, peaks: Arc<Mutex<Vec<u64>>>, stop: Cancell
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now: Vec<u64> = pids
-            .iter()
-            .map(|&pid| rss_bytes(pid).unwrap_or_default())
-            .collect();
+        let now = rss_all(&handles);
         let mut peaks = peaks.lock().unwrap_or_else(|e| e.into_inner());
         for (peak, rss) in peaks.iter_mut().zip(now) {
             *peak = (*peak).max(rss);
@@ -218,17 +234,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stat_line_with_spaces_in_the_name() {
-        let line = "1234 (my (odd) proc) S 1 1234 1234 0 -1 4194560 500 0 0 0 250 75 0 0 20 0 4 0 100 1000 200";
-        assert_eq!(parse_stat_cpu_ticks(line), Some(325));
-    }
-
-    #[test]
     fn reads_this_process() {
         let me = std::process::id();
         let s = sample(me).expect("own /proc entry");
-        assert!(s.rss_bytes > 0);
-        assert!(hwm_bytes(me).unwrap() >= 1);
-        assert!(open_fds(me).unwrap() >= 3);
+        assert!(s.rss_bytes > 0 && s.running);
+        let handle = open(me).unwrap();
+        assert!(hwm_of(&handle).unwrap() >= s.rss_bytes / 2);
+        assert!(handle.fd_count().unwrap() >= 3);
+    }
+
+    #[tokio::test]
+    async fn a_monitor_reports_its_processes_in_order() {
+        let me = std::process::id();
+        let mut monitor = Monitor::start(vec![
+            Watched::new("loadtest", me),
+            // Above any pid_max: never a process.
+            Watched::new("gone", u32::MAX / 2),
+        ]);
+        monitor.mark_cpu_start();
+        let burn = std::time::Instant::now();
+        while burn.elapsed() < Duration::from_millis(30) {
+            std::hint::black_box(burn.elapsed());
+        }
+        assert!(monitor.rss_now()[0] > 0);
+        let reports = monitor.finish(true).await;
+        assert_eq!(reports[0].role, "loadtest");
+        assert!(reports[0].alive && reports[0].rss_peak_bytes > 0);
+        assert!(reports[0].open_fds.unwrap() >= 3);
+        assert!(reports[0].cpu_seconds >= 0.0);
+        assert!(!reports[1].alive);
+        assert_eq!((reports[1].rss_peak_bytes, reports[1].open_fds), (0, None));
     }
 }

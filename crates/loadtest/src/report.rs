@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use comfy_table::presets::ASCII_MARKDOWN;
+use comfy_table::{CellAlignment, Table};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
@@ -592,20 +594,48 @@ fn write_closed(out: &mut String, closed: &CloseTally) {
 }
 
 fn write_procs(out: &mut String, procs: &[ProcReport]) {
-    for p in procs {
-        let _ = writeln!(
-            out,
-            "  {:<9} pid {:<7} CPU {:>8.3}s  RSS start {:>8.1} MiB  end {:>8.1} MiB  peak {:>8.1} MiB{}{}",
-            p.role,
-            p.pid,
-            p.cpu_seconds,
-            p.rss_start_bytes as f64 / (1024.0 * 1024.0),
-            p.rss_end_bytes as f64 / (1024.0 * 1024.0),
-            p.rss_peak_bytes as f64 / (1024.0 * 1024.0),
-            p.open_fds.map(|n| format!("  fds {n}")).unwrap_or_default(),
-            if p.alive { "" } else { "  (EXITED)" }
-        );
+    if procs.is_empty() {
+        return;
     }
+    let mib = |bytes: u64| format!("{:.1}", bytes as f64 / (1024.0 * 1024.0));
+    let mut t = text_table([
+        "process",
+        "pid",
+        "CPU (s)",
+        "RSS start (MiB)",
+        "end",
+        "peak",
+        "fds",
+        "",
+    ]);
+    for p in procs {
+        t.add_row([
+            p.role.clone(),
+            p.pid.to_string(),
+            format!("{:.3}", p.cpu_seconds),
+            mib(p.rss_start_bytes),
+            mib(p.rss_end_bytes),
+            mib(p.rss_peak_bytes),
+            p.open_fds.map(|n| n.to_string()).unwrap_or_default(),
+            if p.alive { "" } else { "EXITED" }.to_string(),
+        ]);
+    }
+    for line in t.lines() {
+        let _ = writeln!(out, "  {line}");
+    }
+}
+
+/// A table for the terminal: the first column left, the others
+/// right-aligned, in markdown pipes so that the numbers paste into
+/// BENCHMARKS.md as they are.
+pub fn text_table<T: ToString>(header: impl IntoIterator<Item = T>) -> Table {
+    let mut t = Table::new();
+    t.load_style(ASCII_MARKDOWN)
+        .set_header(header.into_iter().map(|h| h.to_string()));
+    for column in t.column_iter_mut().skip(1) {
+        column.set_cell_alignment(CellAlignment::Right);
+    }
+    t
 }
 
 /// Median of the present values.

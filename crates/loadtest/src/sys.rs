@@ -1,5 +1,5 @@
 //! The few Linux calls the tool needs that std does not offer: the open-file
-//! limit, signals to the processes `compare` starts, the units of `/proc`, and
+//! limit, signals to the processes `compare` starts, and
 //! `IP_BIND_ADDRESS_NO_PORT` for spreading clients over source addresses.
 //!
 //! Every `unsafe` block here is a plain libc call on integers or on a struct
@@ -32,20 +32,6 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
         lim.rlim_cur = lim.rlim_max;
     }
     Ok(lim.rlim_cur)
-}
-
-/// Clock ticks per second, the unit of `utime`/`stime` in `/proc/PID/stat`.
-pub fn clock_ticks_per_sec() -> u64 {
-    // SAFETY: sysconf only reads a constant.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as u64 } else { 100 }
-}
-
-/// Bytes per page, the unit of `/proc/PID/statm`.
-pub fn page_size() -> u64 {
-    // SAFETY: sysconf only reads a constant.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if size > 0 { size as u64 } else { 4096 }
 }
 
 /// Sends `signal` (e.g. `libc::SIGTERM`) to `pid`.

@@ -906,8 +906,7 @@ pub fn table(s: &FailoverSummary) -> String {
         s.machine.cpus,
         s.machine.loadavg_at_start.as_deref().unwrap_or("?")
     );
-    out += &format!(
-        "{:<18}{:>7}{:>24}{:>12}{:>26}{:>8}{:>6}{:>6}{:>8}\n",
+    let mut t = crate::report::text_table([
         "run",
         "moved",
         "resumed p50/p99/max ms",
@@ -916,13 +915,12 @@ pub fn table(s: &FailoverSummary) -> String {
         "closed",
         "lost",
         "dups",
-        "order"
-    );
+        "order",
+    ]);
     for r in &s.runs {
-        out += &format!(
-            "{:<18}{:>7}{:>24}{:>12}{:>26}{:>8}{:>6}{:>6}{:>8}\n",
+        t.add_row([
             format!("{} {} r{}", r.mode, r.fault.name(), r.round),
-            r.reattached_sockets,
+            r.reattached_sockets.to_string(),
             format!(
                 "{:.0}/{:.0}/{:.0}",
                 r.resumed.p50_ms, r.resumed.p99_ms, r.resumed.max_ms
@@ -935,12 +933,13 @@ pub fn table(s: &FailoverSummary) -> String {
                 r.latency_during.p99_us as f64 / 1000.0,
                 r.latency_during.max_us as f64 / 1000.0
             ),
-            r.closed_by_server.values().sum::<usize>(),
-            r.loss,
-            r.duplicates,
-            if r.one_order { "yes" } else { "NO" }
-        );
+            r.closed_by_server.values().sum::<usize>().to_string(),
+            r.loss.to_string(),
+            r.duplicates.to_string(),
+            if r.one_order { "yes" } else { "NO" }.to_string(),
+        ]);
     }
+    out += &format!("{t}\n");
     for f in &s.failed {
         out += &format!("failed: {f}\n");
     }
