@@ -165,6 +165,13 @@ pub struct ChatArgs {
     /// Most seconds to wait after sending for the last deliveries.
     #[arg(long, default_value_t = 10.0)]
     pub drain: f64,
+    /// Extra clients, beyond --clients, that connect like the others (after
+    /// them, at the same pace), read their Status frame and then never read
+    /// again, with a small TCP receive buffer: what a socket that stops
+    /// reading costs the servers. Not counted as receivers of the chat.
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub non_readers: usize,
 }
 
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
@@ -458,6 +465,28 @@ mod tests {
         let ScenarioCmd::Chat(chat) = args.scenario else {
             panic!("not chat")
         };
-        assert_eq!((chat.clients, chat.rate), (10, 50.0));
+        assert_eq!((chat.clients, chat.rate, chat.non_readers), (10, 50.0, 0));
+    }
+
+    #[test]
+    fn compare_passes_non_readers_to_chat() {
+        let cli = Cli::parse_from([
+            "loadtest",
+            "compare",
+            "--modes",
+            "shared",
+            "chat",
+            "--clients",
+            "20",
+            "--non-readers",
+            "5",
+        ]);
+        let Command::Compare(args) = cli.command else {
+            panic!("not compare")
+        };
+        let ScenarioCmd::Chat(chat) = args.scenario else {
+            panic!("not chat")
+        };
+        assert_eq!((chat.clients, chat.non_readers), (20, 5));
     }
 }

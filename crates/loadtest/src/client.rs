@@ -43,14 +43,34 @@ pub async fn connect(
     source: Ipv4Addr,
     timeout: Duration,
 ) -> anyhow::Result<(Ws, String)> {
-    tokio::time::timeout(timeout, connect_inner(target, source))
+    connect_with_recv_buffer(target, source, timeout, None).await
+}
+
+/// [`connect`], with the socket's receive buffer (`SO_RCVBUF`) set to
+/// `recv_buffer` bytes before connecting, when given: it must be set before
+/// the handshake, as it fixes the TCP window scale. A small one makes a
+/// client that stops reading stall the server's writes after a few KiB.
+pub async fn connect_with_recv_buffer(
+    target: &Target,
+    source: Ipv4Addr,
+    timeout: Duration,
+    recv_buffer: Option<u32>,
+) -> anyhow::Result<(Ws, String)> {
+    tokio::time::timeout(timeout, connect_inner(target, source, recv_buffer))
         .await
         .with_context(|| format!("no Status frame within {timeout:?}"))?
 }
 
-async fn connect_inner(target: &Target, source: Ipv4Addr) -> anyhow::Result<(Ws, String)> {
+async fn connect_inner(
+    target: &Target,
+    source: Ipv4Addr,
+    recv_buffer: Option<u32>,
+) -> anyhow::Result<(Ws, String)> {
     let socket = TcpSocket::new_v4().context("socket")?;
     crate::sys::set_bind_address_no_port(&socket).context("IP_BIND_ADDRESS_NO_PORT")?;
+    if let Some(bytes) = recv_buffer {
+        socket.set_recv_buffer_size(bytes).context("SO_RCVBUF")?;
+    }
     socket
         .bind(SocketAddr::V4(SocketAddrV4::new(source, 0)))
         .with_context(|| format!("bind {source}"))?;

@@ -282,7 +282,7 @@ async fn run_one(
                     rate: rate.unwrap_or(c.rate),
                     ..c.clone()
                 };
-                Report::Chat(scenario::chat::run(&setup, &c).await?)
+                Report::Chat(Box::new(scenario::chat::run(&setup, &c).await?))
             }
             ScenarioCmd::Idle(a) => Report::Idle(scenario::idle::run(&setup, a).await?),
             ScenarioCmd::Join(a) => Report::Join(scenario::join::run(&setup, a).await?),
@@ -549,8 +549,12 @@ fn describe(params: &serde_json::Value, scenario: &str) -> String {
                     .join("/"),
                 _ => p["rate"].to_string(),
             };
+            let non_readers = match p["non_readers"].as_u64() {
+                Some(n) if n > 0 => format!(", {n} non-readers"),
+                _ => String::new(),
+            };
             format!(
-                "{} clients, {} senders, {rates} msg/s, {} s",
+                "{} clients, {} senders, {rates} msg/s, {} s{non_readers}",
                 p["clients"], p["senders"], p["duration"]
             )
         }
@@ -731,11 +735,11 @@ mod tests {
             mode,
             round,
             rate: None,
-            report: Some(Report::Chat(ChatReport {
+            report: Some(Report::Chat(Box::new(ChatReport {
                 deliveries_per_sec: 1_000.0,
                 latency,
                 ..ChatReport::default()
-            })),
+            }))),
             error: None,
         }
     }

@@ -4,7 +4,10 @@
 //! mode. Each gets a free port chosen here, a log file in the output
 //! directory, and is ready when `/healthz` answers 200 (the worker: when its
 //! port accepts). Stopping sends SIGTERM, waits for a drain, then kills.
+//! A gateway's count of the sockets it closed, by code, is read from its
+//! `/metrics` ([`gateway_closes`]).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -517,6 +520,56 @@ pub async fn health_ok(addr: SocketAddr) -> bool {
         .unwrap_or(false)
 }
 
+/// The gateway's count of sockets it closed, by close code label (the
+/// gateway crate's `SOCKETS_CLOSED`; spelled out here, as this crate does not
+/// link the gateway).
+const GATEWAY_SOCKETS_CLOSED: &str = "sharedconn_gateway_sockets_closed_total";
+
+/// Sockets a gateway has closed since it started, by close code, from its
+/// `/metrics`; `None` when it does not answer them (the baseline has none).
+pub async fn gateway_closes(addr: SocketAddr) -> Option<BTreeMap<String, u64>> {
+    let scrape = async {
+        let mut tcp = TcpStream::connect(addr).await.ok()?;
+        // HTTP/1.0: the answer comes whole, never chunked.
+        tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .ok()?;
+        let mut answer = Vec::new();
+        tcp.read_to_end(&mut answer).await.ok()?;
+        let answer = String::from_utf8_lossy(&answer);
+        let ok = answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200");
+        let (_, body) = answer.split_once("\r\n\r\n")?;
+        ok.then(|| closes_by_code(body))
+    };
+    tokio::time::timeout(Duration::from_secs(2), scrape)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The `code` label and value of every `GATEWAY_SOCKETS_CLOSED` sample in a
+/// Prometheus text exposition.
+fn closes_by_code(text: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(GATEWAY_SOCKETS_CLOSED) else {
+            continue;
+        };
+        let Some((labels, value)) = rest.strip_prefix('{').and_then(|r| r.split_once('}')) else {
+            continue;
+        };
+        let code = labels
+            .split(',')
+            .find_map(|l| l.trim().strip_prefix("code=\""))
+            .and_then(|c| c.strip_suffix('"'));
+        let value = value.trim().parse::<f64>().ok();
+        if let (Some(code), Some(value)) = (code, value) {
+            *out.entry(code.to_string()).or_default() += value as u64;
+        }
+    }
+    out
+}
+
 /// The last few KiB of a log, for error messages.
 fn log_tail(path: &Path) -> String {
     let mut text = String::new();
@@ -528,4 +581,25 @@ fn log_tail(path: &Path) -> String {
         text = String::from_utf8_lossy(&bytes).into_owned();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_gateway_closes_by_code() {
+        let text = "\
+# TYPE sharedconn_gateway_sockets_closed_total counter
+sharedconn_gateway_sockets_closed_total{code=\"1008\"} 5
+sharedconn_gateway_sockets_closed_total{code=\"1001\"} 2
+sharedconn_gateway_sockets_closed_total_other{code=\"1000\"} 9
+sharedconn_gateway_sockets_opened_total 30
+";
+        let closes = closes_by_code(text);
+        assert_eq!(
+            closes,
+            BTreeMap::from([("1001".to_string(), 2), ("1008".to_string(), 5)])
+        );
+    }
 }

@@ -17,7 +17,8 @@
 //! - [`tracker`]: loss, duplicate, order and latency accounting of `chat`.
 //! - [`procstat`]: CPU and RSS of server processes from `/proc`.
 //! - [`baseline`]: the single-process reference broadcast server.
-//! - [`compare`]: modes side by side; [`launch`] starts and stops their servers.
+//! - [`compare`]: modes side by side; [`launch`] starts and stops their servers
+//!   and reads a gateway's `/metrics` (its closes by code).
 //! - [`report`]: results as JSON and text; [`chart`]: the SVG chart.
 //! - [`net`]: loopback-only targets and source addresses; [`sys`]: the libc calls.
 //! - [`progress`]: the progress bar.

@@ -33,7 +33,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Chat { target, args, json } => {
             let setup = Setup::from_target_args(&target, quiet)?;
-            let report = Report::Chat(scenario::chat::run(&setup, &args).await?);
+            let report = Report::Chat(Box::new(scenario::chat::run(&setup, &args).await?));
             finish(&report, json.as_deref())
         }
         Command::Idle { target, args, json } => {

@@ -55,6 +55,26 @@ impl Latency {
 /// How the server ended sockets before the run did, by close code/reason.
 pub type CloseTally = BTreeMap<String, usize>;
 
+/// The chat's non-readers (`--non-readers`): sockets that read their Status
+/// frame and nothing after it, to measure what a socket that stops reading
+/// costs the servers. They are not receivers of the chat's accounting.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NonReaderReport {
+    /// How many were asked for.
+    pub requested: usize,
+    pub connect: ConnectReport,
+    /// The `SO_RCVBUF` asked for on their sockets (Linux doubles it).
+    pub recv_buffer_bytes: u32,
+    /// Found ended by the server when read at the end of the run.
+    pub closed: usize,
+    /// What that read found: the close code and reason, or how the
+    /// connection ended without a close frame (a gateway that gives up on a
+    /// stalled write cannot send one: it is stuck behind the stalled frame).
+    pub closed_by: CloseTally,
+    /// Still open at the end of the run.
+    pub open_at_end: usize,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ChatReport {
     pub urls: Vec<String>,
@@ -87,6 +107,14 @@ pub struct ChatReport {
     pub first_error_frame: Option<String>,
     /// Sockets the server closed during the run, by reason.
     pub closed_by_server: CloseTally,
+    #[serde(default)]
+    pub non_readers: NonReaderReport,
+    /// Sockets the gateways closed from the first connect to the end of the
+    /// drain, by close code ("1006": the connection just ended), as their
+    /// `/metrics` count them: every socket, readers and non-readers. `None`
+    /// when a server has no `/metrics` (the baseline).
+    #[serde(default)]
+    pub gateway_closes: Option<BTreeMap<String, u64>>,
     /// Deliveries per second from the first send to the last delivery.
     pub deliveries_per_sec: f64,
     /// Seconds from the first send to the last delivery.
@@ -146,7 +174,8 @@ pub struct JoinReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "scenario", rename_all = "lowercase")]
 pub enum Report {
-    Chat(ChatReport),
+    /// Boxed: a chat report is the largest by far.
+    Chat(Box<ChatReport>),
     Idle(IdleReport),
     Join(JoinReport),
 }
@@ -295,6 +324,29 @@ impl Report {
                     "ms",
                     Some(r.sender_lag_max_ms),
                 ));
+                let nr = &r.non_readers;
+                if nr.requested > 0 {
+                    m.push(metric(
+                        "non_readers_connected",
+                        "non-readers connected",
+                        "",
+                        Some(nr.connect.connected as f64),
+                    ));
+                    m.push(metric(
+                        "non_readers_closed",
+                        "non-readers closed by server",
+                        "",
+                        Some(nr.closed as f64),
+                    ));
+                    m.push(metric(
+                        "gateway_closes_1008",
+                        "gateway closes 1008 (all sockets)",
+                        "",
+                        r.gateway_closes
+                            .as_ref()
+                            .map(|c| c.get("1008").copied().unwrap_or(0) as f64),
+                    ));
+                }
                 m
             }
             Report::Idle(r) => {
@@ -456,6 +508,20 @@ impl Report {
                     );
                 }
                 write_closed(&mut out, &r.closed_by_server);
+                write_non_readers(&mut out, &r.non_readers);
+                if let Some(closes) = &r.gateway_closes {
+                    let list: Vec<String> =
+                        closes.iter().map(|(k, v)| format!("{v} x {k}")).collect();
+                    let _ = writeln!(
+                        out,
+                        "  gateway closes      {} (by code, all sockets, from its /metrics)",
+                        if list.is_empty() {
+                            "none".to_string()
+                        } else {
+                            list.join(", ")
+                        }
+                    );
+                }
                 write_procs(&mut out, &r.processes);
                 if let Some(per) = r.server_cpu_us_per_delivery {
                     let _ = writeln!(
@@ -593,6 +659,40 @@ fn write_closed(out: &mut String, closed: &CloseTally) {
     }
 }
 
+fn write_non_readers(out: &mut String, nr: &NonReaderReport) {
+    if nr.requested == 0 {
+        return;
+    }
+    let c = &nr.connect;
+    let _ = writeln!(
+        out,
+        "  non-readers         {} of {} connected (SO_RCVBUF {} B){}",
+        c.connected,
+        nr.requested,
+        nr.recv_buffer_bytes,
+        c.first_error
+            .as_deref()
+            .map(|e| format!("; {} failed, first: {e}", c.failed))
+            .unwrap_or_default()
+    );
+    let how: Vec<String> = nr
+        .closed_by
+        .iter()
+        .map(|(k, v)| format!("{v} x {k}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "                      {} closed by server{}, {} open at end",
+        nr.closed,
+        if how.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", how.join(", "))
+        },
+        nr.open_at_end
+    );
+}
+
 fn write_procs(out: &mut String, procs: &[ProcReport]) {
     if procs.is_empty() {
         return;
@@ -667,11 +767,11 @@ mod tests {
 
     #[test]
     fn reports_round_trip_as_json() {
-        let r = Report::Chat(ChatReport {
+        let r = Report::Chat(Box::new(ChatReport {
             clients: 3,
             one_order: true,
             ..ChatReport::default()
-        });
+        }));
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains(r#""scenario":"chat""#));
         let back: Report = serde_json::from_str(&json).unwrap();

@@ -58,6 +58,7 @@ async fn chat_against_the_baseline_is_lossless_and_ordered() {
         connect_concurrency: 16,
         settle: 0.2,
         drain: 5.0,
+        non_readers: 0,
     };
     let report = scenario::chat::run(&setup(addr), &args).await.unwrap();
     assert_eq!(report.connect.connected, 20, "{:?}", report.connect);
@@ -87,6 +88,37 @@ async fn chat_against_the_baseline_is_lossless_and_ordered() {
             .iter()
             .any(|p| p.role == "baseline" && p.rss_peak_bytes > 0)
     );
+    let _ = stop.send(());
+    server.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_readers_are_held_open_and_not_counted_as_receivers() {
+    let (addr, stop, server) = start_baseline().await;
+    let args = ChatArgs {
+        clients: 10,
+        senders: 2,
+        rate: 100.0,
+        duration: 1.0,
+        pad: 0,
+        connect_rate: 1000.0,
+        connect_concurrency: 16,
+        settle: 0.2,
+        drain: 5.0,
+        non_readers: 3,
+    };
+    let report = scenario::chat::run(&setup(addr), &args).await.unwrap();
+    assert_eq!(report.connect.connected, 10, "{:?}", report.connect);
+    // Only the readers are expected to receive.
+    assert_eq!(report.deliveries_expected, report.sent * 10);
+    assert_eq!(report.loss, 0, "{}", text(&report));
+    let nr = &report.non_readers;
+    assert_eq!((nr.requested, nr.connect.connected), (3, 3), "{nr:?}");
+    // Far from any stall timeout: all still open, none closed.
+    assert_eq!((nr.open_at_end, nr.closed), (3, 0), "{nr:?}");
+    // The baseline has no /metrics.
+    assert_eq!(report.gateway_closes, None);
+    assert!(text(&report).contains("non-readers         3 of 3 connected"));
     let _ = stop.send(());
     server.await.unwrap();
 }
@@ -233,5 +265,5 @@ fn idle_spreads_over_child_processes() {
 }
 
 fn text(r: &sharedconn_loadtest::report::ChatReport) -> String {
-    sharedconn_loadtest::report::Report::Chat(r.clone()).to_text()
+    sharedconn_loadtest::report::Report::Chat(Box::new(r.clone())).to_text()
 }

@@ -11,7 +11,17 @@
 //! paced writer are two futures of that task, so reading never waits for a
 //! write, and per frame the reader only classifies, parses the marker and
 //! updates its own tally.
+//!
+//! `--non-readers N` adds N clients after the others, connected the same way
+//! at the same pace but with a small TCP receive buffer, that set their alias
+//! and then read nothing: the servers' writes to them stall, and their RSS
+//! shows what such a socket costs. They are no receivers in the accounting.
+//! After the drain (and the last /proc sample) each reads what its socket
+//! holds, to tell whether the server ended it and how; only then do the
+//! readers stop, so their leaving does not reach the non-readers first.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,14 +35,14 @@ use tracing::info;
 
 use super::traffic::{Outcomes, Plan, read_frames, send_planned};
 use super::{
-    CloseLog, ConnectTally, Setup, connect_client, join_all, seconds, spawn_paced, unix_nanos,
-    wait_until,
+    CloseLog, ConnectTally, Setup, close_reason, connect_client, connect_client_with_recv_buffer,
+    join_all, seconds, spawn_paced, unix_nanos, wait_until,
 };
 use crate::cli::ChatArgs;
 use crate::client::Ws;
 use crate::procstat::{Monitor, cpu_of};
 use crate::progress::Progress;
-use crate::report::{ChatReport, Latency, SERVER_ROLES};
+use crate::report::{ChatReport, Latency, NonReaderReport, SERVER_ROLES};
 use crate::tracker::{ClientTally, MAX_EXPECTED_DELIVERIES, RunBook, Totals};
 use crate::wire::{self, ChatFrame, Marker};
 
@@ -43,9 +53,24 @@ const DRAIN_QUIET: Duration = Duration::from_secs(2);
 /// How long a client's close frame may take at the end.
 const CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// `SO_RCVBUF` of a non-reader (Linux doubles it): small, so that its side
+/// holds a few KiB instead of a loopback window of megabytes. The server's
+/// kernel send buffer (up to `net.ipv4.tcp_wmem`'s max, 4 MiB by default)
+/// still fills before the server's writes stall, and is not in its RSS.
+const NON_READER_RECV_BUFFER: u32 = 4 * 1024;
+
+/// At the end, a non-reader reads what its socket holds: it is still open
+/// when nothing more arrives for this long...
+const NON_READER_QUIET: Duration = Duration::from_millis(300);
+
+/// ...or when frames still arrive after this long (a server catching it up).
+const NON_READER_CHECK: Duration = Duration::from_secs(3);
+
 struct Ctx {
     setup: Setup,
     book: RunBook,
+    /// Clients `0..clients` read; the non-readers come after them.
+    clients: usize,
     senders: usize,
     rate: f64,
     pad: usize,
@@ -59,6 +84,12 @@ struct Ctx {
     error_frames: AtomicU64,
     first_error_frame: Mutex<Option<String>>,
     closes: CloseLog,
+    /// The non-readers' connects, apart so that the accounting's receivers
+    /// are the readers only.
+    non_reader_connect: ConnectTally,
+    /// Tells the non-readers to read how their socket ended.
+    check_non_readers: CancellationToken,
+    non_readers_checked: AtomicUsize,
 }
 
 impl Ctx {
@@ -101,7 +132,7 @@ pub async fn run(setup: &Setup, args: &ChatArgs) -> anyhow::Result<ChatReport> {
          lower --clients, --rate or --duration",
         args.clients
     );
-    crate::net::ensure_fd_budget(args.clients)?;
+    crate::net::ensure_fd_budget(args.clients + args.non_readers)?;
     let per_sender = args.rate / args.senders as f64;
     if per_sender > 90.0 {
         info!(
@@ -116,6 +147,7 @@ pub async fn run(setup: &Setup, args: &ChatArgs) -> anyhow::Result<ChatReport> {
     let ctx = Arc::new(Ctx {
         setup: setup.clone(),
         book: RunBook::new(run_id, args.senders as u32, planned),
+        clients: args.clients,
         senders: args.senders,
         rate: args.rate,
         pad: args.pad,
@@ -129,7 +161,20 @@ pub async fn run(setup: &Setup, args: &ChatArgs) -> anyhow::Result<ChatReport> {
         error_frames: AtomicU64::new(0),
         first_error_frame: Mutex::new(None),
         closes: CloseLog::default(),
+        // The first non-reader is due when the last reader is.
+        non_reader_connect: ConnectTally::new(
+            started + Duration::from_secs_f64(args.clients as f64 / args.connect_rate),
+        ),
+        check_non_readers: CancellationToken::new(),
+        non_readers_checked: AtomicUsize::new(0),
     });
+    // Only with non-readers: a gateway that gives up on a stalled socket
+    // cannot send it the close code, so its own count is the one to read.
+    let closes_before = if args.non_readers > 0 {
+        gateway_closes(setup).await
+    } else {
+        None
+    };
     let monitor = Monitor::start(setup.watched_with_self());
     let (go_tx, go_rx) = watch::channel(None::<tokio::time::Instant>);
     let progress = Progress::new(setup.quiet, "connect", args.clients as u64);
@@ -138,10 +183,10 @@ pub async fn run(setup: &Setup, args: &ChatArgs) -> anyhow::Result<ChatReport> {
     let spawner = {
         let ctx = Arc::clone(&ctx);
         spawn_paced(
-            args.clients,
+            args.clients + args.non_readers,
             Some(args.connect_rate),
             ctx.stop.clone(),
-            move |i| client_task(i, Arc::clone(&ctx), go_rx.clone()),
+            move |i| any_client(i, Arc::clone(&ctx), go_rx.clone()),
         )
     };
     let connect = ctx
@@ -163,6 +208,19 @@ pub async fn run(setup: &Setup, args: &ChatArgs) -> anyhow::Result<ChatReport> {
             connect.first_error.unwrap_or_default()
         );
     }
+    let non_reader_connect = if args.non_readers > 0 {
+        progress.set_phase("non-readers", args.non_readers as u64);
+        ctx.non_reader_connect
+            .wait_all(
+                args.non_readers,
+                args.connect_rate,
+                setup.connect_timeout,
+                &progress,
+            )
+            .await
+    } else {
+        ctx.non_reader_connect.report(0)
+    };
 
     // Settle.
     progress.set_phase("settle", settle.as_millis() as u64);
@@ -223,14 +281,50 @@ pub async fn run(setup: &Setup, args: &ChatArgs) -> anyhow::Result<ChatReport> {
     )
     .await;
     let procs = monitor.finish(false).await;
+    let closes_during = match (closes_before, gateway_closes(setup).await) {
+        (Some(before), Some(after)) if args.non_readers > 0 => Some(
+            after
+                .into_iter()
+                .map(|(code, n)| {
+                    let n = n.saturating_sub(before.get(&code).copied().unwrap_or(0));
+                    (code, n)
+                })
+                .filter(|&(_, n)| n > 0)
+                .collect(),
+        ),
+        _ => None,
+    };
+
+    // How the non-readers ended, before the readers' leaving reaches them.
+    ctx.check_non_readers.cancel();
+    wait_until(
+        Instant::now() + NON_READER_CHECK + Duration::from_secs(2),
+        || ctx.non_readers_checked.load(Ordering::Relaxed) >= ctx.non_reader_connect.connected(),
+        || {},
+    )
+    .await;
 
     // Stop and collect.
     ctx.stop.cancel();
     progress.finish();
     let handles = spawner.await.context("client spawner failed")?;
     let mut totals = Totals::default();
-    for tally in join_all(handles).await?.into_iter().flatten() {
-        totals.add(&tally.counts);
+    let mut non_readers = NonReaderReport {
+        requested: args.non_readers,
+        connect: non_reader_connect,
+        recv_buffer_bytes: NON_READER_RECV_BUFFER,
+        ..NonReaderReport::default()
+    };
+    for end in join_all(handles).await? {
+        match end {
+            ClientEnd::Reader(Some(tally)) => totals.add(&tally.counts),
+            ClientEnd::Reader(None) | ClientEnd::NonReader(NonReaderEnd::NotConnected) => {}
+            ClientEnd::NonReader(NonReaderEnd::Open) => non_readers.open_at_end += 1,
+            ClientEnd::NonReader(NonReaderEnd::Closed(reason)) => {
+                non_readers.closed += 1;
+                *non_readers.closed_by.entry(reason).or_default() += 1;
+            }
+        }
     }
     let latency = Latency::from_histogram(&ctx.book.latency());
     let window_secs = totals
@@ -270,6 +364,8 @@ pub async fn run(setup: &Setup, args: &ChatArgs) -> anyhow::Result<ChatReport> {
             .unwrap_or_else(|e| e.into_inner())
             .clone(),
         closed_by_server: ctx.closes.closed(),
+        non_readers,
+        gateway_closes: closes_during,
         deliveries_per_sec: if window_secs > 0.0 {
             totals.received as f64 / window_secs
         } else {
@@ -285,6 +381,119 @@ pub async fn run(setup: &Setup, args: &ChatArgs) -> anyhow::Result<ChatReport> {
         processes: procs,
     })
 }
+
+/// How a client task ended.
+enum ClientEnd {
+    /// A reader's tally, or `None` if it never connected.
+    Reader(Option<ClientTally>),
+    NonReader(NonReaderEnd),
+}
+
+/// What a non-reader found when it read its socket at the end.
+enum NonReaderEnd {
+    NotConnected,
+    Open,
+    /// The server ended it: the close code and reason, or how it ended.
+    Closed(String),
+}
+
+/// Client `i`: a reader below `--clients`, a non-reader from there on.
+async fn any_client(
+    i: usize,
+    ctx: Arc<Ctx>,
+    go: watch::Receiver<Option<tokio::time::Instant>>,
+) -> ClientEnd {
+    if i < ctx.clients {
+        ClientEnd::Reader(client_task(i, ctx, go).await)
+    } else {
+        ClientEnd::NonReader(non_reader_session(i, &ctx, go).await)
+    }
+}
+
+/// A non-reader: connects like a reader but with a small receive buffer,
+/// sets its alias, reads nothing until told to check its socket, then holds
+/// it open until the run stops.
+async fn non_reader_session(
+    i: usize,
+    ctx: &Ctx,
+    go: watch::Receiver<Option<tokio::time::Instant>>,
+) -> NonReaderEnd {
+    let tally = &ctx.non_reader_connect;
+    // Like the readers: one that would join after sending began is not part of the run.
+    let wanted = || !ctx.stop.is_cancelled() && go.borrow().is_none();
+    let Some(mut ws) = connect_client_with_recv_buffer(
+        i,
+        &ctx.setup,
+        &ctx.connect_slots,
+        tally,
+        wanted,
+        Some(NON_READER_RECV_BUFFER),
+    )
+    .await
+    else {
+        return NonReaderEnd::NotConnected;
+    };
+    if go.borrow().is_some() {
+        tally.fail(&anyhow::anyhow!("connected only after sending began"));
+        close_quietly(ws).await;
+        return NonReaderEnd::NotConnected;
+    }
+    let alias = format!("{}{i}", ctx.alias_prefix);
+    if let Err(e) = ws.send(Message::text(wire::alias_frame(&alias))).await {
+        tally.fail(&anyhow::Error::new(e).context("setting the alias"));
+        return NonReaderEnd::NotConnected;
+    }
+    tally.ok();
+    tokio::select! {
+        _ = ctx.check_non_readers.cancelled() => {}
+        _ = ctx.stop.cancelled() => {
+            close_quietly(ws).await;
+            return NonReaderEnd::Open;
+        }
+    }
+    let end = match how_it_ended(&mut ws).await {
+        Some(reason) => NonReaderEnd::Closed(reason),
+        None => NonReaderEnd::Open,
+    };
+    ctx.non_readers_checked.fetch_add(1, Ordering::Relaxed);
+    if matches!(end, NonReaderEnd::Open) {
+        ctx.stop.cancelled().await;
+        close_quietly(ws).await;
+    }
+    end
+}
+
+/// Reads what a non-reader's socket holds: a close frame, an error or the
+/// end of the stream means the server ended it (returned as in
+/// `closed_by_server`); nothing more for [`NON_READER_QUIET`], or frames
+/// still coming after [`NON_READER_CHECK`], means it is open (`None`).
+async fn how_it_ended(ws: &mut Ws) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + NON_READER_CHECK;
+    loop {
+        let until = (tokio::time::Instant::now() + NON_READER_QUIET).min(deadline);
+        let frame = tokio::time::timeout_at(until, ws.next()).await.ok()?;
+        match frame {
+            Some(Ok(Message::Close(frame))) => return Some(close_reason(frame.as_ref())),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Some(format!("read error: {e}")),
+            None => return Some("connection ended without close".into()),
+        }
+    }
+}
+
+/// Sockets the gateways behind `setup` closed since they started, by close
+/// code, summed over them; `None` if one does not answer `/metrics`.
+async fn gateway_closes(setup: &Setup) -> Option<CloseCounts> {
+    let mut all = CloseCounts::new();
+    for target in &setup.targets {
+        for (code, n) in crate::launch::gateway_closes(SocketAddr::V4(target.addr)).await? {
+            *all.entry(code).or_default() += n;
+        }
+    }
+    Some(all)
+}
+
+type CloseCounts = BTreeMap<String, u64>;
 
 /// One client from connect to close. Returns its tally, or `None` if it
 /// never connected.

@@ -278,12 +278,30 @@ pub async fn connect_client(
     tally: &ConnectTally,
     wanted: impl Fn() -> bool,
 ) -> Option<crate::client::Ws> {
+    connect_client_with_recv_buffer(i, setup, slots, tally, wanted, None).await
+}
+
+/// [`connect_client`] with the socket's receive buffer set (see
+/// [`crate::client::connect_with_recv_buffer`]).
+pub async fn connect_client_with_recv_buffer(
+    i: usize,
+    setup: &Setup,
+    slots: &tokio::sync::Semaphore,
+    tally: &ConnectTally,
+    wanted: impl Fn() -> bool,
+    recv_buffer: Option<u32>,
+) -> Option<crate::client::Ws> {
     let permit = slots.acquire().await.ok()?;
     if !wanted() {
         return None;
     }
-    let connected =
-        crate::client::connect(setup.target(i), setup.source(i), setup.connect_timeout).await;
+    let connected = crate::client::connect_with_recv_buffer(
+        setup.target(i),
+        setup.source(i),
+        setup.connect_timeout,
+        recv_buffer,
+    )
+    .await;
     drop(permit);
     match connected {
         Ok((ws, _wsid)) => Some(ws),
