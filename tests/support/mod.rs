@@ -186,6 +186,18 @@ impl Cluster {
     fn spawn_worker(&self, listener: TcpListener) -> Running {
         let mut config = sharedconn_worker::Config::new(self.data_dir.path());
         config.history = self.history;
+        // The worker's own limits stay above what the gateways allow, as
+        // the README asks of an operator.
+        let mut gateway = sharedconn_gateway::Config::new(Vec::new());
+        (self.tweak)(&mut gateway);
+        config.limits.frames_per_sec = config
+            .limits
+            .frames_per_sec
+            .max(gateway.frames_per_sec.saturating_mul(2));
+        config.limits.frame_burst = config
+            .limits
+            .frame_burst
+            .max(gateway.frame_burst.saturating_mul(2));
         config.metrics_listen = self.worker_metrics_addr;
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(async move {

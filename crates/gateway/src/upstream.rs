@@ -54,13 +54,29 @@ const PRIVATE_EVENT_QUEUE: usize = 64;
 /// not held back by round trips on the shared stream.
 const STREAM_WINDOW: u32 = 8 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
+/// The same for the connections of private streams, where each socket's
+/// stream carries its own copy of every frame. Small on purpose: what is in
+/// flight on a connection is read before the answer to a keepalive ping
+/// behind it, so a big window full of online lists (a join storm) delayed
+/// the answers past the link timeout and a busy worker looked dead. It also
+/// bounds what the private streams of one worker hold in flight.
+const PRIVATE_STREAM_WINDOW: u32 = 256 << 10;
+const PRIVATE_CONNECTION_WINDOW: u32 = 2 << 20;
 /// Streams one connection may reset before h2 ends it (see `new_link`).
 const MAX_RESET_STREAMS: usize = 1 << 20;
-/// HTTP/2 connections per worker for private streams.
-const PRIVATE_CONNECTIONS: usize = 4;
+/// HTTP/2 connections per worker for private streams. Opening a stream
+/// waits for the one before it on the same connection to be written out
+/// (h2 lets one stream be pending open at a time), two task hops each: on a
+/// busy gateway 10,000 re-attaches over 4 connections queued for seconds.
+/// More connections open more streams at once, and a GOAWAY takes fewer
+/// sockets with it.
+const PRIVATE_CONNECTIONS: usize = 16;
 /// Sockets re-attached at once: a private-mode re-attach opens a stream
-/// each, and 10,000 opening together would be a storm.
-const REATTACH_CONCURRENCY: usize = 256;
+/// each, and 10,000 opening together would be a storm. Each open waits a
+/// round trip through two busy runtimes, so fewer than this (256 before)
+/// left 5,000 private re-attaches seconds behind; 2,048 over
+/// [`PRIVATE_CONNECTIONS`] connections is 128 opening on each.
+const REATTACH_CONCURRENCY: usize = 2048;
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// How often worker addresses are resolved again.
@@ -80,9 +96,11 @@ pub struct WorkerLink {
     addr: SocketAddr,
     /// Which configured address resolved to this one.
     target: usize,
-    /// `[0]` carries the shared (or control) stream; private streams are
-    /// spread over all of them.
-    channels: Vec<Channel>,
+    /// Carries the shared (or control) stream.
+    channel: Channel,
+    /// Private mode: the connections the sockets' own streams are spread
+    /// over (none in shared mode).
+    private: Vec<Channel>,
     /// The shared (or control) stream, while up and accepted.
     live: RwLock<Option<StreamHandle>>,
     /// The worker asked for its sockets to move: no new ones.
@@ -336,7 +354,7 @@ impl Upstream {
     ) -> Result<StreamHandle, CloseReason> {
         let (events, rx) = mpsc::channel(PRIVATE_EVENT_QUEUE);
         let _ = events.try_send(self.hello(Mode::Private, resuming));
-        let channel = worker.channels[(ws_id as usize) % worker.channels.len()].clone();
+        let channel = worker.private[(ws_id as usize) % worker.private.len()].clone();
         let mut client = WorkerClient::new(channel);
         let response = tokio::time::timeout(WELCOME_TIMEOUT, client.link(ReceiverStream::new(rx)))
             .await
@@ -593,29 +611,42 @@ impl Upstream {
 
     fn new_link(&self, addr: SocketAddr, target: usize) -> Result<Arc<WorkerLink>, Error> {
         let url = format!("http://{addr}");
-        let half = self.link_timeout / 2;
+        let ping_every = self.link_timeout / 8;
         let endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| Error::WorkerAddress(url.clone(), e.to_string()))?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(2))
             // A hung worker (SIGSTOP) or a cut link is found within the link
-            // timeout: a ping every half of it, an answer due within the other.
-            .http2_keep_alive_interval(half)
-            .keep_alive_timeout(half)
+            // timeout: a ping every eighth of it, its answer due within the
+            // rest. The answer gets most of the time because it arrives
+            // behind whatever the connection has in flight, and a busy
+            // worker is slow, not dead: declaring it dead moves every
+            // socket it serves.
+            .http2_keep_alive_interval(ping_every)
+            .keep_alive_timeout(self.link_timeout - ping_every)
             .keep_alive_while_idle(true)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             // Private mode: a socket's stream is reset when its socket goes
             // away mid-stream; thousands at once are churn, not abuse.
             .http2_max_local_error_reset_streams(MAX_RESET_STREAMS);
-        let connections = match self.mode {
-            Mode::Shared => 1,
-            Mode::Private => PRIVATE_CONNECTIONS,
+        let private = match self.mode {
+            Mode::Shared => Vec::new(),
+            Mode::Private => {
+                let endpoint = endpoint
+                    .clone()
+                    .initial_stream_window_size(PRIVATE_STREAM_WINDOW)
+                    .initial_connection_window_size(PRIVATE_CONNECTION_WINDOW);
+                (0..PRIVATE_CONNECTIONS)
+                    .map(|_| endpoint.connect_lazy())
+                    .collect()
+            }
         };
         Ok(Arc::new(WorkerLink {
             addr,
             target,
-            channels: (0..connections).map(|_| endpoint.connect_lazy()).collect(),
+            channel: endpoint.connect_lazy(),
+            private,
             live: RwLock::new(None),
             draining: AtomicBool::new(false),
             log: Mutex::new(String::new()),
@@ -666,7 +697,7 @@ impl Upstream {
             .unwrap_or_else(|e| e.into_inner())
             .is_empty();
         let _ = events.try_send(self.hello(Mode::Shared, resuming));
-        let mut client = WorkerClient::new(worker.channels[0].clone());
+        let mut client = WorkerClient::new(worker.channel.clone());
         // A worker that accepts the connection but never answers (hung
         // mid-handshake) must not hold this link's task for ever.
         let linked = tokio::time::timeout(WELCOME_TIMEOUT, client.link(ReceiverStream::new(rx)));

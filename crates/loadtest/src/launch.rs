@@ -148,6 +148,7 @@ impl Stack {
         cmd.args(["--listen", &format!("127.0.0.1:{wport}")])
             .arg("--data-dir")
             .arg(data_dir.path())
+            .args(worker_limits(cfg))
             .args(&cfg.worker_args);
         let log = cfg.log_dir.join(format!("{tag}-worker.log"));
         self._data_dirs.push(data_dir);
@@ -205,6 +206,8 @@ impl Stack {
                 cfg.startup_timeout,
             )
             .await?;
+        let mut worker_args = worker_limits(cfg);
+        worker_args.extend(cfg.worker_args.iter().cloned());
         let mut ports = Vec::new();
         for k in 0..workers.max(1) {
             let (port, _pid) = self
@@ -212,7 +215,7 @@ impl Stack {
                     &cfg.bin_dir,
                     free_port()?,
                     &redis,
-                    &cfg.worker_args,
+                    &worker_args,
                     &cfg.log_dir.join(format!("{tag}-worker{k}.log")),
                     cfg.startup_timeout,
                 )
@@ -581,6 +584,20 @@ fn log_tail(path: &Path) -> String {
         text = String::from_utf8_lossy(&bytes).into_owned();
     }
     text
+}
+
+/// The workers' own per-socket frame limit, kept at twice the gateways'
+/// (`--max-frames-per-sec`, raised for load), as the README asks.
+fn worker_limits(cfg: &LaunchConfig) -> Vec<String> {
+    match cfg.max_frames_per_sec {
+        Some(limit) => vec![
+            "--socket-frames-per-sec".into(),
+            limit.saturating_mul(2).to_string(),
+            "--socket-frame-burst".into(),
+            limit.saturating_mul(2).max(400).to_string(),
+        ],
+        None => Vec::new(),
+    }
 }
 
 #[cfg(test)]

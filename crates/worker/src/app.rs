@@ -202,4 +202,10 @@ impl<'a> Outbox<'a> {
     pub fn open_sockets(&self) -> usize {
         self.router.socket_count()
     }
+
+    /// Frame bytes written and not yet taken by the gateways' streams: how
+    /// far behind the gateways are. Costs a pass over the streams.
+    pub fn queued_bytes(&self) -> usize {
+        self.router.queued_bytes()
+    }
 }

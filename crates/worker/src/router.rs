@@ -262,6 +262,15 @@ impl Router {
         self.maybe_congested
     }
 
+    /// Frame bytes queued towards every stream and not yet taken by their
+    /// responses (one pass over the streams: ask it seldom).
+    pub fn queued_bytes(&self) -> usize {
+        self.streams
+            .values()
+            .map(|s| s.backlog.bytes.load(Ordering::Relaxed))
+            .sum()
+    }
+
     pub fn stream_count(&self) -> usize {
         self.streams.len()
     }

@@ -32,6 +32,11 @@ use crate::error::Error;
 use pacer::Pacer;
 use rules::{ClientFrame, DEFAULT_ALIAS};
 
+/// Unsent frame bytes in the streams past which the next online list
+/// waits (see `send_userlist`): in shared mode a few lists' worth, in
+/// private mode a list of 10,000 names still queued for about a hundred of
+/// the sockets.
+const LIST_BACKLOG_BYTES: usize = 16 << 20;
 /// Most messages replayed to a client that reconnects with `since`, or sent
 /// in one answer to a fetch (older ones are announced with a Gap frame).
 /// Well under the gateway's default socket queue (1024), so live messages
@@ -134,6 +139,16 @@ impl<B: Backplane> Chat<B> {
     }
 
     fn send_userlist(&mut self, out: &mut Outbox<'_>) {
+        // A list is state, not history: while the streams still hold this
+        // much unsent, the next list waits instead of queueing behind the
+        // last one. It matters in private mode, where every socket's stream
+        // carries its own copy: in a join storm each list of thousands of
+        // names goes out thousands of times, faster than the gateway takes
+        // it, and the streams would fill up with lists nobody needs.
+        if out.queued_bytes() > LIST_BACKLOG_BYTES {
+            self.userlist.pacer.retry(Instant::now());
+            return;
+        }
         let users = self.backplane.users();
         let frame = Bytes::from(rules::userlist_frame(&users));
         debug!(
