@@ -93,6 +93,12 @@ fn compose_stack_scales_both_tiers_and_survives_losing_a_worker() {
     }
     let addr = stack.haproxy_addr();
     stack.assert_volumes();
+    // The gateways' /metrics is for Prometheus on the compose network, not
+    // for the public port.
+    let metrics = runtime
+        .block_on(http_get(addr, "/metrics"))
+        .map(|(status, _)| status);
+    assert_eq!(metrics, Some(403), "/metrics through HAProxy");
     let shared = runtime.block_on(chat_through(addr, "shared", &token));
 
     let started = Instant::now();

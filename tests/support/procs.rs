@@ -39,6 +39,8 @@ pub fn bin(name: &str) -> PathBuf {
             "sharedconn-worker",
             "-p",
             "sharedconn-gateway",
+            "-p",
+            "sharedconn-loadtest",
             "--bins",
         ]);
         if dir.ends_with("release") {
@@ -46,10 +48,10 @@ pub fn bin(name: &str) -> PathBuf {
         }
         let status = command
             .status()
-            .expect("cannot run cargo to build the worker and gateway binaries");
+            .expect("cannot run cargo to build the worker, gateway and loadtest binaries");
         assert!(
             status.success(),
-            "building the worker and gateway binaries failed"
+            "building the worker, gateway and loadtest binaries failed"
         );
     });
     let path = dir.join(name);

@@ -21,6 +21,7 @@ pub const BACKPLANE_HEALTHY: &str = "sharedconn_worker_backplane_healthy";
 pub const BACKPLANE_ERRORS: &str = "sharedconn_worker_backplane_errors_total";
 pub const ONLINE_USERS: &str = "sharedconn_worker_online_users";
 pub const STREAM_CUTS: &str = "sharedconn_worker_stream_cuts_total";
+pub const CONGESTED_MS: &str = "sharedconn_worker_congested_milliseconds_total";
 
 /// Registers the help text of every worker metric, and the unlabelled
 /// counters at zero so that a chart shows 0 rather than nothing (once the
@@ -32,6 +33,7 @@ pub fn describe() {
         MESSAGES_COMMITTED,
         POSTS_REFUSED,
         STREAM_CUTS,
+        CONGESTED_MS,
     ] {
         counter!(name).increment(0);
     }
@@ -76,6 +78,10 @@ pub fn describe() {
     describe_counter!(
         STREAM_CUTS,
         "streams cut because their queue overflowed (their gateway re-attaches the sockets)"
+    );
+    describe_counter!(
+        CONGESTED_MS,
+        "time the chat waited for a gateway far behind, taking no posts (backpressure; latency grows, nothing is cut)"
     );
 }
 
@@ -122,4 +128,9 @@ pub fn online_users(n: usize) {
 
 pub fn stream_cut() {
     counter!(STREAM_CUTS).increment(1);
+}
+
+/// The chat waited this long for a congested stream to drain.
+pub fn congested(waited: std::time::Duration) {
+    counter!(CONGESTED_MS).increment(waited.as_millis() as u64);
 }

@@ -178,7 +178,9 @@ impl<A: WebSocketApp> Runtime<A> {
                 event = self.app.next_event(), if !congested => {
                     self.app.on_event(event, &mut Outbox::new(&mut self.router)).await;
                 }
-                _ = tokio::time::sleep(CONGESTION_POLL), if congested => {}
+                _ = tokio::time::sleep(CONGESTION_POLL), if congested => {
+                    crate::metrics::congested(CONGESTION_POLL);
+                }
                 _ = tick.tick() => self.housekeeping(),
                 _ = status.tick() => info!(
                     sockets = self.router.socket_count(),
