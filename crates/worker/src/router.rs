@@ -292,7 +292,6 @@ impl Router {
                     log: frames.log,
                     fetched: frames.fetched,
                     complete: frames.complete,
-                    version: frames.version,
                 }),
             );
         }
@@ -313,13 +312,12 @@ impl Router {
             }
         }
         for (stream, ids) in by_stream {
-            self.send(stream, ids, text.clone(), 0, 0);
+            self.send(stream, ids, text.clone(), 0);
         }
     }
 
-    /// Writes to every open socket; `id` is the message id `text` carries,
-    /// `version` its state version (see the proto's `Deliver.version`).
-    pub fn broadcast(&mut self, text: Bytes, id: u64, version: u64) {
+    /// Writes to every open socket; `id` is the message id `text` carries.
+    pub fn broadcast(&mut self, text: Bytes, id: u64) {
         let targets: Vec<(StreamId, Vec<WsId>)> = self
             .streams
             .iter()
@@ -327,7 +325,7 @@ impl Router {
             .map(|(id, s)| (*id, s.members.clone()))
             .collect();
         for (stream, ids) in targets {
-            self.send(stream, ids, text.clone(), id, version);
+            self.send(stream, ids, text.clone(), id);
         }
     }
 
@@ -399,13 +397,12 @@ impl Router {
         }
     }
 
-    fn send(&mut self, stream: StreamId, ws_ids: Vec<WsId>, text: Bytes, id: u64, version: u64) {
+    fn send(&mut self, stream: StreamId, ws_ids: Vec<WsId>, text: Bytes, id: u64) {
         crate::metrics::deliver(ws_ids.len());
         let deliver = Deliver {
             ws_ids,
             texts: vec![text],
             ids: vec![id],
-            version,
             ..Deliver::default()
         };
         self.push(stream, Command::Deliver(deliver));
@@ -501,13 +498,13 @@ mod tests {
         router.add_stream(1, PEER, tx, backlog.clone(), cut_tx);
         assert!(router.add_socket(7, 1));
         assert!(router.add_socket(8, 1));
-        router.broadcast(Bytes::from_static(b"hi"), 0, 0);
+        router.broadcast(Bytes::from_static(b"hi"), 0);
         assert_eq!(backlog.ids.load(Ordering::Relaxed), 2);
         assert!(rx.try_recv().is_ok());
         assert!(cut_rx.try_recv().is_err(), "not cut yet");
         // The response fell this far behind: the next broadcast cuts it.
         backlog.ids.store(MAX_QUEUED_IDS - 1, Ordering::Relaxed);
-        router.broadcast(Bytes::from_static(b"again"), 0, 0);
+        router.broadcast(Bytes::from_static(b"again"), 0);
         assert!(cut_rx.try_recv().is_ok(), "cut");
         assert!(rx.try_recv().is_err(), "nothing queued past the budget");
     }
@@ -522,10 +519,10 @@ mod tests {
         assert!(router.add_socket(7, 1));
         let big = Bytes::from(vec![b'x'; 300 * 1024]);
         for _ in 0..3 {
-            router.broadcast(big.clone(), 0, 0);
+            router.broadcast(big.clone(), 0);
         }
         assert!(cut_rx.try_recv().is_err(), "900 KiB fits");
-        router.broadcast(big, 0, 0);
+        router.broadcast(big, 0);
         assert!(cut_rx.try_recv().is_ok(), "1.2 MiB does not");
         assert!(backlog.bytes.load(Ordering::Relaxed) <= MAX_QUEUED_BYTES_PRIVATE);
     }
