@@ -711,9 +711,10 @@ async fn a_worker_refuses_a_second_live_gateway_with_a_held_tag() {
 }
 
 /// The worker applies limits of its own, whatever a gateway lets through:
-/// past its socket cap for one gateway an open is refused (1013), and a
-/// socket sending faster than the worker allows is closed (1008); the
-/// gateway's other sockets go on.
+/// past its socket cap for one gateway an open is refused (1013), a socket
+/// sending faster than the worker allows is closed (1008), and so is one
+/// sending a frame bigger than it allows (1009); the gateway's other
+/// sockets go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_limits_what_a_gateway_lets_through() {
     let data = tempfile::tempdir().unwrap();
@@ -726,6 +727,8 @@ async fn the_worker_limits_what_a_gateway_lets_through() {
             "1",
             "--socket-frame-burst",
             "5",
+            "--max-frame-bytes",
+            "200",
         ]
         .map(String::from),
     );
@@ -764,6 +767,19 @@ async fn the_worker_limits_what_a_gateway_lets_through() {
         assert!(chat.2.starts_with("flood"), "unexpected {chat:?}");
     };
     assert_eq!(mine.2, "still here");
+    // The flooder's place is free again; a frame past the worker's size
+    // limit (the gateway allows 64 KiB) closes its socket with 1009.
+    let mut big = Client::connect(&gateway.ws_url()).await;
+    big.say(&"x".repeat(300)).await;
+    assert_eq!(big.ended().await, support::Ended::Closed(1009));
+    quiet.say("after the big one").await;
+    let last = loop {
+        let chat = quiet.chats(1).await.remove(0);
+        if chat.2 == "after the big one" {
+            break chat;
+        }
+    };
+    assert_eq!(last.2, "after the big one");
 }
 
 /// A crowd beyond what a gateway can write: 100 sockets over two gateways,

@@ -198,6 +198,7 @@ impl Cluster {
             .limits
             .frame_burst
             .max(gateway.frame_burst.saturating_mul(2));
+        config.limits.frame_bytes = config.limits.frame_bytes.max(gateway.max_frame_bytes);
         config.metrics_listen = self.worker_metrics_addr;
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(async move {

@@ -71,6 +71,10 @@ struct Cli {
     /// Frames one socket may send in a burst above that rate.
     #[arg(long, env = "SHAREDCONN_SOCKET_FRAME_BURST", default_value_t = 400)]
     socket_frame_burst: u32,
+    /// Largest frame one socket may send (past it: 1009). Keep it at least
+    /// the gateways' --max-frame-bytes.
+    #[arg(long, env = "SHAREDCONN_MAX_FRAME_BYTES", default_value_t = 65536)]
+    max_frame_bytes: usize,
 }
 
 #[tokio::main]
@@ -96,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
         sockets_per_gateway: cli.max_sockets_per_gateway.max(1),
         frames_per_sec: cli.socket_frames_per_sec.max(1),
         frame_burst: cli.socket_frame_burst.max(1),
+        frame_bytes: cli.max_frame_bytes.max(1),
     };
     let listener = sharedconn_common::listen(cli.listen)
         .with_context(|| format!("cannot listen on {}", cli.listen))?;

@@ -38,6 +38,8 @@ const HOLD_LISTS_MAX: Duration = Duration::from_secs(5);
 /// Close code for a socket whose gateway let through more frames than the
 /// worker's limit: 1008, policy violation.
 const TOO_MANY_FRAMES_CODE: u16 = 1008;
+/// Close code for a frame over the worker's size limit: 1009, too big.
+const TOO_BIG_CODE: u16 = 1009;
 
 /// What the worker allows each gateway, whatever the gateway's own limits
 /// say: holding the link token lets a process link, it does not make what
@@ -50,17 +52,21 @@ pub struct Limits {
     pub frames_per_sec: u32,
     /// Frames one socket may send in a burst above the sustained rate.
     pub frame_burst: u32,
+    /// Largest frame (bytes of text) a socket may send.
+    pub frame_bytes: usize,
 }
 
 impl Default for Limits {
     /// Twice what a gateway allows by default (100 frames/s, a burst of
-    /// 200, 100,000 sockets), so an honest gateway never meets them: it
-    /// also re-sends up to 32 unacknowledged frames on a re-attach.
+    /// 200), so an honest gateway never meets them: it also re-sends up to
+    /// 32 unacknowledged frames on a re-attach. Sockets and frame size: the
+    /// gateway's defaults (100,000 sockets, 64 KiB).
     fn default() -> Self {
         Limits {
             sockets_per_gateway: 100_000,
             frames_per_sec: 200,
             frame_burst: 400,
+            frame_bytes: 64 << 10,
         }
     }
 }
@@ -322,6 +328,17 @@ impl<A: WebSocketApp> Runtime<A> {
                 // socket not open here is not acknowledged: its gateway
                 // sends it again once the socket is attached.
                 if self.router.stream_of(ws) != Some(stream) {
+                    return;
+                }
+                if text.len() > self.limits.frame_bytes {
+                    warn!(
+                        stream,
+                        ws_id = ws,
+                        bytes = text.len(),
+                        "frame over the worker's size limit: its gateway does not limit it"
+                    );
+                    self.router.ack_on(stream, ws, seq);
+                    self.router.disconnect(ws, TOO_BIG_CODE, "message too big");
                     return;
                 }
                 if let Some(cut_now) = self.over_frame_rate(ws) {
