@@ -62,17 +62,12 @@ async fn main() -> anyhow::Result<()> {
         .context("invalid configuration")?;
     gateway_config.validate().context("invalid configuration")?;
     // The worker's own limits never below what its one gateway lets through.
-    let limits = &mut worker_config.limits;
-    limits.sockets_per_gateway = limits
-        .sockets_per_gateway
-        .max(gateway_config.max_connections);
-    limits.frames_per_sec = limits
-        .frames_per_sec
-        .max(gateway_config.frames_per_sec.saturating_mul(2));
-    limits.frame_burst = limits
-        .frame_burst
-        .max(gateway_config.frame_burst.saturating_mul(2));
-    limits.frame_bytes = limits.frame_bytes.max(gateway_config.max_frame_bytes);
+    worker_config.limits = worker_config.limits.covering(
+        gateway_config.frames_per_sec,
+        gateway_config.frame_burst,
+        gateway_config.max_frame_bytes,
+        gateway_config.max_connections,
+    );
     let scheme = if gateway_config.tls.is_some() {
         "https"
     } else {

@@ -190,15 +190,12 @@ impl Cluster {
         // the README asks of an operator.
         let mut gateway = sharedconn_gateway::Config::new(Vec::new());
         (self.tweak)(&mut gateway);
-        config.limits.frames_per_sec = config
-            .limits
-            .frames_per_sec
-            .max(gateway.frames_per_sec.saturating_mul(2));
-        config.limits.frame_burst = config
-            .limits
-            .frame_burst
-            .max(gateway.frame_burst.saturating_mul(2));
-        config.limits.frame_bytes = config.limits.frame_bytes.max(gateway.max_frame_bytes);
+        config.limits = config.limits.covering(
+            gateway.frames_per_sec,
+            gateway.frame_burst,
+            gateway.max_frame_bytes,
+            gateway.max_connections,
+        );
         config.metrics_listen = self.worker_metrics_addr;
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(async move {

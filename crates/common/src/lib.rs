@@ -4,10 +4,13 @@
 //! - [`fdlimit`]: raise the open-file limit at start, and read it.
 //! - [`metrics`]: the process's Prometheus recorder, installed and rendered.
 //! - [`panic`]: the binaries' panic hook, which logs and ends the process.
+//! - [`rate`]: the token bucket both the gateway and the worker limit
+//!   sockets with.
 
 pub mod fdlimit;
 pub mod metrics;
 pub mod panic;
+pub mod rate;
 
 use std::net::SocketAddr;
 

@@ -18,6 +18,8 @@ use tracing::debug;
 
 use std::sync::Arc;
 
+pub use sharedconn_common::rate::RateLimit;
+
 use crate::error::CloseReason;
 use crate::frames::{FrameWriter, ReadHalf};
 use crate::metrics::SessionCounters;
@@ -32,42 +34,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The client's frames, parsed and checked by tungstenite.
 pub type Reader = WebSocketStream<ReadHalf>;
-
-/// Token bucket for a socket's inbound frames.
-pub struct RateLimit {
-    per_sec: f64,
-    burst: f64,
-    tokens: f64,
-    updated: Instant,
-}
-
-impl RateLimit {
-    pub fn new(per_sec: u32, burst: u32) -> Self {
-        RateLimit {
-            per_sec: per_sec.into(),
-            burst: burst.into(),
-            tokens: burst.into(),
-            updated: Instant::now(),
-        }
-    }
-
-    /// When the next frame may be read, or `None` if now.
-    fn wait_until(&mut self) -> Option<Instant> {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.updated).as_secs_f64() * self.per_sec)
-            .min(self.burst);
-        self.updated = now;
-        if self.tokens >= 1.0 {
-            None
-        } else {
-            Some(now + Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec))
-        }
-    }
-
-    fn take(&mut self) {
-        self.tokens -= 1.0;
-    }
-}
 
 /// The session's clocks.
 #[derive(Debug, Clone, Copy)]

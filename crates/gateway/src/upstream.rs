@@ -478,11 +478,7 @@ impl Upstream {
         if lost.is_empty() {
             return;
         }
-        let _ = worker
-            .load
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                Some(n.saturating_sub(lost.len()))
-            });
+        release_load(&worker.load, lost.len());
         debug!(worker = %worker.addr, sockets = lost.len(), "sockets detached");
         self.detached
             .lock()
@@ -539,11 +535,7 @@ impl Upstream {
         }));
         match socket.close() {
             Some(stream) => {
-                let _ = stream
-                    .load
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                        Some(n.saturating_sub(1))
-                    });
+                release_load(&stream.load, 1);
                 let _ = stream.events.send(close).await;
             }
             None => {
@@ -930,6 +922,14 @@ impl Upstream {
                 .await;
         }
     }
+}
+
+/// Takes `n` sockets off a worker's load (never below zero: a socket may
+/// be counted off by its close and by its stream's loss).
+fn release_load(load: &AtomicUsize, n: usize) {
+    let _ = load.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+        Some(now.saturating_sub(n))
+    });
 }
 
 /// A Deliver's frames as WebSocket text, checked once per payload and then

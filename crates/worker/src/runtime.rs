@@ -18,6 +18,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use sharedconn_common::rate::RateLimit;
+
 use crate::app::{Handled, OpenInfo, Outbox, WebSocketApp, WsId};
 use crate::router::{Peer, Router, StreamId, StreamTx};
 
@@ -71,10 +73,24 @@ impl Default for Limits {
     }
 }
 
-/// One socket's frame allowance (a token bucket).
-struct Bucket {
-    tokens: f32,
-    at: Instant,
+impl Limits {
+    /// These limits raised, where needed, to cover a gateway that allows
+    /// this much: twice its frame rate and burst, its frame size and its
+    /// sockets. For a worker started beside its gateways (the all-in-one).
+    pub fn covering(
+        self,
+        frames_per_sec: u32,
+        frame_burst: u32,
+        frame_bytes: usize,
+        sockets: usize,
+    ) -> Self {
+        Limits {
+            sockets_per_gateway: self.sockets_per_gateway.max(sockets),
+            frames_per_sec: self.frames_per_sec.max(frames_per_sec.saturating_mul(2)),
+            frame_burst: self.frame_burst.max(frame_burst.saturating_mul(2)),
+            frame_bytes: self.frame_bytes.max(frame_bytes),
+        }
+    }
 }
 
 /// One thing that happened on a link stream.
@@ -133,8 +149,9 @@ pub struct Runtime<A> {
     /// The application's health, for the health service.
     health: watch::Sender<bool>,
     limits: Limits,
-    /// Each open socket's frame allowance.
-    buckets: HashMap<WsId, Bucket>,
+    /// Each open socket's frame allowance; `None` once it went over and
+    /// its close was ordered (frames still on their way are dropped).
+    buckets: HashMap<WsId, Option<RateLimit>>,
 }
 
 impl<A: WebSocketApp> Runtime<A> {
@@ -305,10 +322,10 @@ impl<A: WebSocketApp> Runtime<A> {
                 } else if self.router.add_socket(ws, stream) {
                     self.buckets.insert(
                         ws,
-                        Bucket {
-                            tokens: self.limits.frame_burst as f32,
-                            at: Instant::now(),
-                        },
+                        Some(RateLimit::new(
+                            self.limits.frames_per_sec,
+                            self.limits.frame_burst,
+                        )),
                     );
                     self.app
                         .on_open(ws, open, &mut Outbox::new(&mut self.router))
@@ -410,21 +427,15 @@ impl<A: WebSocketApp> Runtime<A> {
     /// `Some(true)`: over it for the first time (the socket is to be closed);
     /// `Some(false)`: over it again, already closing.
     fn over_frame_rate(&mut self, ws: WsId) -> Option<bool> {
-        let bucket = self.buckets.get_mut(&ws)?;
-        if bucket.tokens == f32::NEG_INFINITY {
+        let slot = self.buckets.get_mut(&ws)?;
+        let Some(limit) = slot else {
             return Some(false);
+        };
+        if limit.try_take() {
+            return None;
         }
-        let now = Instant::now();
-        let refill =
-            now.duration_since(bucket.at).as_secs_f32() * self.limits.frames_per_sec as f32;
-        bucket.tokens = (bucket.tokens + refill).min(self.limits.frame_burst as f32);
-        bucket.at = now;
-        if bucket.tokens < 1.0 {
-            bucket.tokens = f32::NEG_INFINITY;
-            return Some(true);
-        }
-        bucket.tokens -= 1.0;
-        None
+        *slot = None;
+        Some(true)
     }
 
     fn synced(&mut self, stream: StreamId) {
