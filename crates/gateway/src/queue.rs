@@ -71,6 +71,8 @@ pub struct Delivery<'a> {
     pub log: &'a str,
     pub fetched: bool,
     pub complete: bool,
+    /// The last text's state version (0: none); see the proto's `Deliver`.
+    pub version: u64,
 }
 
 /// Limits of one queue.
@@ -97,6 +99,8 @@ struct State {
     behind: bool,
     /// A fetch is on its way; no second one until it is answered.
     fetching: bool,
+    /// The last state version queued (0: none, or dropped with the queue).
+    version: u64,
 }
 
 /// Where a socket is in the log, for a re-attach.
@@ -104,6 +108,8 @@ struct State {
 pub struct Place {
     pub log: String,
     pub last_id: u64,
+    /// The last state version queued for the socket (see `Delivery`).
+    pub version: u64,
 }
 
 impl SocketQueue {
@@ -128,6 +134,7 @@ impl SocketQueue {
             log: "",
             fetched: false,
             complete: false,
+            version: 0,
         })
     }
 
@@ -162,6 +169,8 @@ impl SocketQueue {
                     }
                     st.frames.clear();
                     st.bytes = 0;
+                    // A queued list may have gone with the rest.
+                    st.version = 0;
                     st.last_id = st.written_id;
                     st.behind = true;
                     st.fetching = false;
@@ -175,6 +184,9 @@ impl SocketQueue {
                 st.frames.push_back((text.clone(), id));
                 if id != 0 {
                     st.last_id = id;
+                }
+                if d.version != 0 && i + 1 == d.texts.len() {
+                    st.version = d.version;
                 }
             }
             if d.fetched {
@@ -197,6 +209,7 @@ impl SocketQueue {
         Place {
             log: st.log.clone(),
             last_id: st.last_id,
+            version: st.version,
         }
     }
 
@@ -293,6 +306,7 @@ mod tests {
             log: "",
             fetched,
             complete,
+            version: 0,
         })
     }
 

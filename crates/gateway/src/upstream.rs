@@ -424,6 +424,7 @@ impl Upstream {
                     log: &d.log,
                     fetched: d.fetched,
                     complete: d.complete,
+                    version: d.version,
                 };
                 let table = self.table.read().unwrap_or_else(|e| e.into_inner());
                 for ws in &d.ws_ids {
@@ -866,6 +867,7 @@ impl Upstream {
             log: resume.place.log,
             state: resume.parked,
             opened_ms: socket.opened_ms,
+            version: resume.place.version,
         };
         let stream = self
             .open_on_a_worker(socket, open, resume.unacked, true)

@@ -93,6 +93,17 @@ impl RunBook {
             .sum()
     }
 
+    /// Of the first `n` planned messages, how many no client received: a
+    /// post lost before any fan-out (never stored) rather than on its way to
+    /// some sockets.
+    pub fn unseen(&self, n: u64) -> u64 {
+        self.ids
+            .iter()
+            .take(n as usize)
+            .filter(|id| id.load(Ordering::Relaxed) == 0)
+            .count() as u64
+    }
+
     /// All clients' latencies merged.
     pub fn latency(&self) -> Histogram<u64> {
         let mut all = Histogram::new_with_bounds(1, LATENCY_MAX_US, 3)
@@ -190,6 +201,17 @@ impl ClientTally {
             .saturating_record(latency_us.max(1));
         self.counts.first_recv_nanos.get_or_insert(now_nanos);
         self.counts.last_recv_nanos = Some(now_nanos);
+    }
+
+    /// Which of the first `n` planned messages this client did not receive.
+    pub fn missing(&self, n: u64) -> Vec<u64> {
+        (0..n)
+            .filter(|g| {
+                self.seen
+                    .get((g / 64) as usize)
+                    .is_some_and(|w| w & (1u64 << (g % 64)) == 0)
+            })
+            .collect()
     }
 
     /// Frees the bitsets once the counts are all that is left to read.

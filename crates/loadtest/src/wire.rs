@@ -24,6 +24,8 @@ pub enum FrameKind {
     Chat,
     UserList,
     Error,
+    /// The server announces messages it cannot replay.
+    Gap,
     Other,
 }
 
@@ -37,6 +39,7 @@ pub fn frame_kind(text: &str) -> FrameKind {
         b"Chat" => FrameKind::Chat,
         b"Status" => FrameKind::Status,
         b"Error" => FrameKind::Error,
+        b"Gap" => FrameKind::Gap,
         k if k.eq_ignore_ascii_case(b"userlist") => FrameKind::UserList,
         _ => FrameKind::Other,
     }
@@ -219,6 +222,14 @@ pub fn count_run_aliases(
         return 0;
     }
     finder.find_iter(text.as_bytes()).count()
+}
+
+/// How many messages a Gap frame says were left out.
+pub fn gap_missed(text: &str) -> u64 {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| v.get("missed")?.as_u64())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -40,6 +40,9 @@ pub struct OpenInfo {
     pub opened_ms: u64,
     /// The run of the gateway holding the socket.
     pub boot: u64,
+    /// The version of the last state frame (the online list) its gateway
+    /// queued for it (0: none, or unknown).
+    pub version: u64,
 }
 
 /// How much a socket that fell behind can take in one answer (0: no limit).
@@ -134,6 +137,9 @@ pub struct Frames {
     /// An answer to a fetch, and whether it reaches the newest message.
     pub fetched: bool,
     pub complete: bool,
+    /// The version of the last text, when it is the latest state of
+    /// something (the online list); see the proto's `Deliver.version`.
+    pub version: u64,
 }
 
 impl Frames {
@@ -175,7 +181,14 @@ impl<'a> Outbox<'a> {
     /// Writes one text frame to every open socket on this worker; `id` is
     /// the message id it carries (0: none).
     pub fn broadcast(&mut self, text: impl Into<Bytes>, id: u64) {
-        self.router.broadcast(text.into(), id);
+        self.router.broadcast(text.into(), id, 0);
+    }
+
+    /// Writes the newest state of something every socket needs only the
+    /// latest of (the online list), tagged with its `version` so that a
+    /// socket re-attached later is sent it again only if it missed it.
+    pub fn broadcast_state(&mut self, text: impl Into<Bytes>, version: u64) {
+        self.router.broadcast(text.into(), 0, version);
     }
 
     /// Closes a socket with a WebSocket close code.

@@ -197,6 +197,7 @@ async fn forward(
                         state: o.state,
                         opened_ms: o.opened_ms,
                         boot: peer.boot,
+                        version: o.version,
                     },
                 },
                 Event::Frame(f) => Input::Frame {

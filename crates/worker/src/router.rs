@@ -292,6 +292,7 @@ impl Router {
                     log: frames.log,
                     fetched: frames.fetched,
                     complete: frames.complete,
+                    version: frames.version,
                 }),
             );
         }
@@ -312,12 +313,13 @@ impl Router {
             }
         }
         for (stream, ids) in by_stream {
-            self.send(stream, ids, text.clone(), 0);
+            self.send(stream, ids, text.clone(), 0, 0);
         }
     }
 
-    /// Writes to every open socket; `id` is the message id `text` carries.
-    pub fn broadcast(&mut self, text: Bytes, id: u64) {
+    /// Writes to every open socket; `id` is the message id `text` carries,
+    /// `version` its state version (see the proto's `Deliver.version`).
+    pub fn broadcast(&mut self, text: Bytes, id: u64, version: u64) {
         let targets: Vec<(StreamId, Vec<WsId>)> = self
             .streams
             .iter()
@@ -325,7 +327,7 @@ impl Router {
             .map(|(id, s)| (*id, s.members.clone()))
             .collect();
         for (stream, ids) in targets {
-            self.send(stream, ids, text.clone(), id);
+            self.send(stream, ids, text.clone(), id, version);
         }
     }
 
@@ -397,12 +399,13 @@ impl Router {
         }
     }
 
-    fn send(&mut self, stream: StreamId, ws_ids: Vec<WsId>, text: Bytes, id: u64) {
+    fn send(&mut self, stream: StreamId, ws_ids: Vec<WsId>, text: Bytes, id: u64, version: u64) {
         crate::metrics::deliver(ws_ids.len());
         let deliver = Deliver {
             ws_ids,
             texts: vec![text],
             ids: vec![id],
+            version,
             ..Deliver::default()
         };
         self.push(stream, Command::Deliver(deliver));
@@ -498,13 +501,13 @@ mod tests {
         router.add_stream(1, PEER, tx, backlog.clone(), cut_tx);
         assert!(router.add_socket(7, 1));
         assert!(router.add_socket(8, 1));
-        router.broadcast(Bytes::from_static(b"hi"), 0);
+        router.broadcast(Bytes::from_static(b"hi"), 0, 0);
         assert_eq!(backlog.ids.load(Ordering::Relaxed), 2);
         assert!(rx.try_recv().is_ok());
         assert!(cut_rx.try_recv().is_err(), "not cut yet");
         // The response fell this far behind: the next broadcast cuts it.
         backlog.ids.store(MAX_QUEUED_IDS - 1, Ordering::Relaxed);
-        router.broadcast(Bytes::from_static(b"again"), 0);
+        router.broadcast(Bytes::from_static(b"again"), 0, 0);
         assert!(cut_rx.try_recv().is_ok(), "cut");
         assert!(rx.try_recv().is_err(), "nothing queued past the budget");
     }
@@ -519,10 +522,10 @@ mod tests {
         assert!(router.add_socket(7, 1));
         let big = Bytes::from(vec![b'x'; 300 * 1024]);
         for _ in 0..3 {
-            router.broadcast(big.clone(), 0);
+            router.broadcast(big.clone(), 0, 0);
         }
         assert!(cut_rx.try_recv().is_err(), "900 KiB fits");
-        router.broadcast(big, 0);
+        router.broadcast(big, 0, 0);
         assert!(cut_rx.try_recv().is_ok(), "1.2 MiB does not");
         assert!(backlog.bytes.load(Ordering::Relaxed) <= MAX_QUEUED_BYTES_PRIVATE);
     }

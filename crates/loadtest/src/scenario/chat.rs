@@ -82,6 +82,7 @@ struct Ctx {
     writers_done: AtomicUsize,
     lag_max_us: AtomicU64,
     error_frames: AtomicU64,
+    gap_missed: AtomicU64,
     first_error_frame: Mutex<Option<String>>,
     closes: CloseLog,
     /// The non-readers' connects, apart so that the accounting's receivers
@@ -96,6 +97,7 @@ impl Ctx {
     fn outcomes(&self) -> Outcomes<'_> {
         Outcomes {
             error_frames: &self.error_frames,
+            gap_missed: &self.gap_missed,
             first_error_frame: &self.first_error_frame,
             closes: &self.closes,
         }
@@ -159,6 +161,7 @@ pub async fn run(setup: &Setup, args: &ChatArgs) -> anyhow::Result<ChatReport> {
         writers_done: AtomicUsize::new(0),
         lag_max_us: AtomicU64::new(0),
         error_frames: AtomicU64::new(0),
+        gap_missed: AtomicU64::new(0),
         first_error_frame: Mutex::new(None),
         closes: CloseLog::default(),
         // The first non-reader is due when the last reader is.

@@ -126,6 +126,12 @@ pub struct FailoverReport {
     pub deliveries_expected: u64,
     pub deliveries_received: u64,
     pub loss: u64,
+    /// Posts no client received (lost before the fan-out).
+    pub loss_unseen_posts: u64,
+    /// Deliveries the server announced it left out (Gap frames).
+    pub gap_missed: u64,
+    /// Clients that missed something: on the victim, on the survivor.
+    pub loss_clients: [u64; 2],
     pub duplicates: u64,
     pub one_order: bool,
     pub error_frames: u64,
@@ -247,6 +253,7 @@ struct Ctx {
     sent: AtomicU64,
     writers_done: AtomicUsize,
     error_frames: AtomicU64,
+    gap_missed: AtomicU64,
     first_error_frame: Mutex<Option<String>>,
     closes: CloseLog,
     /// Unix nanos of the fault (0 before it).
@@ -380,6 +387,7 @@ async fn measure(
         sent: AtomicU64::new(0),
         writers_done: AtomicUsize::new(0),
         error_frames: AtomicU64::new(0),
+        gap_missed: AtomicU64::new(0),
         first_error_frame: Mutex::new(None),
         closes: CloseLog::default(),
         fault_nanos: AtomicU64::new(0),
@@ -551,10 +559,14 @@ async fn measure(
     let (mut first_frame, mut resumed, mut survivors) = (Vec::new(), Vec::new(), Vec::new());
     let mut not_resumed = 0;
     let mut reattached = 0;
+    let mut short = [0u64; 2];
     for handles in [first, second] {
         let handles = handles.await.context("client spawner failed")?;
         for (i, tally, around) in join_all(handles).await?.into_iter().flatten() {
             totals.add(&tally.counts);
+            if tally.counts.received < sent {
+                short[usize::from(i >= half)] += 1;
+            }
             let ms = |n: Option<u64>| n.map(|n| n.saturating_sub(fault_nanos) as f64 / 1e6);
             if i < half {
                 reattached += 1;
@@ -637,6 +649,9 @@ async fn measure(
         deliveries_expected: expected,
         deliveries_received: totals.received,
         loss: expected.saturating_sub(totals.received),
+        loss_unseen_posts: ctx.book.unseen(sent),
+        loss_clients: short,
+        gap_missed: ctx.gap_missed.load(Ordering::Relaxed),
         duplicates: totals.duplicates,
         one_order: totals.one_order(),
         error_frames: ctx.error_frames.load(Ordering::Relaxed),
@@ -725,6 +740,10 @@ async fn client_session(
         }
     };
     close_quietly(ws).await;
+    let missing = tally.missing(ctx.sent.load(Ordering::Relaxed));
+    if !missing.is_empty() {
+        tracing::warn!(client = i, missed = missing.len(), first = ?&missing[..missing.len().min(12)], "client missed messages");
+    }
     tally.shrink();
     Some((i, tally, around))
 }
@@ -740,6 +759,7 @@ async fn read_loop<S>(
 {
     let outcomes = Outcomes {
         error_frames: &ctx.error_frames,
+        gap_missed: &ctx.gap_missed,
         first_error_frame: &ctx.first_error_frame,
         closes: &ctx.closes,
     };
@@ -866,6 +886,12 @@ pub fn text(r: &FailoverReport) -> String {
         r.error_frames,
         r.closed_by_server
     );
+    if r.loss > 0 {
+        out += &format!(
+            "  lost: {} posts no client received; clients missing some: {} on the victim, {} on the survivor; announced by Gap frames: {}\n",
+            r.loss_unseen_posts, r.loss_clients[0], r.loss_clients[1], r.gap_missed
+        );
+    }
     out += &format!(
         "  drain {:.1} s{}{}\n",
         r.drain_secs,

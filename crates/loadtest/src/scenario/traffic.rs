@@ -18,6 +18,8 @@ use crate::wire::{self, FrameKind, Marker};
 /// Where a client reports what is not a chat message.
 pub struct Outcomes<'a> {
     pub error_frames: &'a AtomicU64,
+    /// Messages the server announced it left out (Gap frames).
+    pub gap_missed: &'a AtomicU64,
     pub first_error_frame: &'a Mutex<Option<String>>,
     pub closes: &'a CloseLog,
 }
@@ -43,6 +45,11 @@ pub async fn read_frames<S>(
         match frame {
             Some(Ok(Message::Text(text))) => match wire::frame_kind(&text) {
                 FrameKind::Chat => on_chat(&text),
+                FrameKind::Gap => {
+                    outcomes
+                        .gap_missed
+                        .fetch_add(wire::gap_missed(&text).max(1), Ordering::Relaxed);
+                }
                 FrameKind::Error => {
                     outcomes.error_frames.fetch_add(1, Ordering::Relaxed);
                     outcomes

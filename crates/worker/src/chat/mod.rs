@@ -97,8 +97,9 @@ struct Socket {
 
 struct UserlistState {
     pacer: Pacer,
-    /// The current list, for sockets that open while nothing is pending.
-    frame: Option<Bytes>,
+    /// The current list and its version, for sockets that open (or are
+    /// re-attached) while nothing is pending.
+    frame: Option<(Bytes, u64)>,
     /// A gateway is re-attaching its sockets: lists wait.
     held: bool,
 }
@@ -161,8 +162,23 @@ impl<B: Backplane> Chat<B> {
         self.userlist
             .pacer
             .sent(Instant::now(), frame.len(), out.open_sockets());
-        out.broadcast(frame.clone(), 0);
-        self.userlist.frame = Some(frame);
+        let version = list_version(&frame);
+        out.broadcast_state(frame.clone(), version);
+        self.userlist.frame = Some((frame, version));
+    }
+
+    /// The current list and its version, unless a newer one is pending
+    /// (it will reach every socket anyway).
+    fn current_list(&mut self) -> Option<(Bytes, u64)> {
+        if self.userlist.pacer.is_dirty() {
+            return None;
+        }
+        if self.userlist.frame.is_none() {
+            let frame = Bytes::from(rules::userlist_frame(&self.backplane.users()));
+            let version = list_version(&frame);
+            self.userlist.frame = Some((frame, version));
+        }
+        self.userlist.frame.clone()
     }
 
     /// Appends to `frames` the messages after `since` (the most recent ones
@@ -242,8 +258,16 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
         // burst of (re)connections costs its stream one slot each.
         let mut frames = Frames::default();
         if open.resume && open.log == self.backplane.log_id() {
-            // Served before on this log: only what it missed.
+            // Served before on this log: only what it missed, and the list
+            // if the last one its gateway queued is not the current one (a
+            // list lost with a cut stream, or a change while it moved).
             self.replay(&mut frames, open.since);
+            if let Some((list, version)) = self.current_list()
+                && version != open.version
+            {
+                frames.push(list, 0);
+                frames.version = version;
+            }
             if !frames.texts.is_empty() {
                 out.write_frames(ws, frames);
             }
@@ -256,14 +280,9 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
         let since = if open.resume { 0 } else { open.since };
         self.replay(&mut frames, since);
         // While a list is pending, it will reach this socket too.
-        if !self.userlist.pacer.is_dirty() {
-            if self.userlist.frame.is_none() {
-                let users = self.backplane.users();
-                self.userlist.frame = Some(rules::userlist_frame(&users).into());
-            }
-            if let Some(list) = self.userlist.frame.clone() {
-                frames.push(list, 0);
-            }
+        if let Some((list, version)) = self.current_list() {
+            frames.push(list, 0);
+            frames.version = version;
         }
         out.write_frames(ws, frames);
     }
@@ -465,6 +484,15 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
     }
 }
 
+/// A list's version: a hash of its bytes, the same on every worker that
+/// builds the same list (never 0, which means "none").
+fn list_version(frame: &[u8]) -> u64 {
+    use std::hash::{DefaultHasher, Hasher};
+    let mut hasher = DefaultHasher::new();
+    hasher.write(frame);
+    hasher.finish() | 1
+}
+
 #[cfg(test)]
 mod tests {
     use sharedconn_proto::worker_command::Command;
@@ -583,5 +611,45 @@ mod tests {
             chat.on_event(event, &mut Outbox::new(&mut router)).await;
         }
         assert!(chat.backplane.users().is_empty());
+    }
+
+    /// The version of the last list among the commands read.
+    fn last_list_version(rx: &mut mpsc::Receiver<sharedconn_proto::WorkerCommand>) -> u64 {
+        let mut version = 0;
+        while let Ok(cmd) = rx.try_recv() {
+            if let Some(Command::Deliver(d)) = cmd.command
+                && d.version != 0
+            {
+                version = d.version;
+            }
+        }
+        version
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_re_attached_socket_gets_the_list_only_if_it_missed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut chat, mut router, mut rx) = chat(dir.path());
+        router.add_socket(1, 1);
+        chat.on_open(1, open(1, 1), &mut Outbox::new(&mut router))
+            .await;
+        let version = last_list_version(&mut rx);
+        assert_ne!(version, 0, "an opening socket's list carries its version");
+        let log = chat.backplane.log_id().to_owned();
+        let resume = |version| OpenInfo {
+            resume: true,
+            log: log.clone(),
+            version,
+            ..open(1, 1)
+        };
+        // Its gateway queued the current list: nothing to send.
+        let info = resume(version);
+        router.add_socket(1, 1);
+        chat.on_open(1, info, &mut Outbox::new(&mut router)).await;
+        assert!(userlists(&mut rx).is_empty(), "no list sent again");
+        // Its gateway lost the list (a cut stream, an overflow): sent again.
+        let info = resume(0);
+        chat.on_open(1, info, &mut Outbox::new(&mut router)).await;
+        assert_eq!(userlists(&mut rx).len(), 1, "the missed list is sent");
     }
 }
