@@ -256,6 +256,17 @@ impl Stack {
     /// `workers` workers on Redis (or one embedded), `gateways` gateways
     /// linked to all of them.
     async fn start(mode: Mode, redis: bool, workers: usize, gateways: usize) -> Stack {
+        Stack::start_with(mode, redis, workers, gateways, &[]).await
+    }
+
+    /// The same, with `extra` arguments for every worker.
+    async fn start_with(
+        mode: Mode,
+        redis: bool,
+        workers: usize,
+        gateways: usize,
+        extra: &[&str],
+    ) -> Stack {
         let redis = if redis {
             Some(Redis::start().await)
         } else {
@@ -267,6 +278,7 @@ impl Stack {
             Some(r) => worker_args.extend(["--backplane".to_owned(), r.url()]),
             None => worker_args.extend(data_dir(&data)),
         }
+        worker_args.extend(extra.iter().map(|a| (*a).to_owned()));
         let mut stack = Stack {
             redis,
             _data: data,
@@ -330,6 +342,7 @@ both_modes!(
     a_worker_killed_mid_traffic_closes_no_socket,
     a_rolling_restart_of_every_worker_closes_nothing,
     an_embedded_worker_killed_and_restarted_closes_no_socket,
+    a_socket_sent_no_message_yet_misses_none_when_its_worker_hangs,
 );
 
 /// Posts through both gateways and both workers: one order for everyone,
@@ -345,6 +358,34 @@ async fn two_gateways_two_workers_one_order(mode: Mode) {
         ["g0c0", "g0c1", "g0c2", "g1c0", "g1c1", "g1c2"],
         "oldest socket first"
     );
+}
+
+/// A socket whose worker hung before sending it any chat message has a
+/// place in the log all the same (where it started): re-attached, it is
+/// owed every message since, not the few most recent a new socket is shown.
+async fn a_socket_sent_no_message_yet_misses_none_when_its_worker_hangs(mode: Mode) {
+    // One message of history on open: a re-attach that replayed only "the
+    // most recent ones" would lose the rest.
+    let stack = Stack::start_with(mode, true, 2, 1, &["--history", "1"]).await;
+    let gateway = &stack.gateways[0];
+    // Worker 1 hangs while the quiet peer joins, so it lands on worker 0.
+    stack.workers[1].proc.stop();
+    gateway.wait_linked(1).await;
+    let quiet = Peer::join(&gateway.ws_url(), "quiet").await;
+    stack.workers[1].proc.cont();
+    gateway.wait_linked(2).await;
+    // The poster goes to the worker with fewer sockets: worker 1.
+    let poster = Peer::join(&gateway.ws_url(), "poster").await;
+    let mut peers = vec![quiet, poster];
+    let names = ["quiet", "poster"].map(String::from).into();
+    wait_lists(&peers, &names).await;
+    assert!(peers[0].seen(|s| s.chats.is_empty()), "nothing posted yet");
+    stack.workers[0].proc.stop();
+    // Stored by worker 1 while the quiet peer's worker hangs, before the
+    // gateway finds the hang (link timeout 1 s).
+    let sent = chat(&mut peers[1..], 5, Duration::ZERO, "while-hung").await;
+    check_everyone_saw(&peers, &sent).await;
+    stack.workers[0].proc.cont();
 }
 
 /// SIGKILL of a worker while clients post: its sockets move to the other

@@ -73,6 +73,9 @@ pub struct Delivery<'a> {
     pub complete: bool,
     /// The last text's state version (0: none); see the proto's `Deliver`.
     pub version: u64,
+    /// With `log`: where the socket starts in it (see the proto's
+    /// `Deliver.place`).
+    pub place: u64,
 }
 
 /// Limits of one queue.
@@ -135,6 +138,7 @@ impl SocketQueue {
             fetched: false,
             complete: false,
             version: 0,
+            place: 0,
         })
     }
 
@@ -146,11 +150,13 @@ impl SocketQueue {
             if st.kill.is_some() {
                 return Push::Closed;
             }
-            if !d.log.is_empty() && d.log != st.log {
-                // A Status frame: ids start over on this log.
+            let starts = !d.log.is_empty() && d.log != st.log;
+            if starts {
+                // A Status frame: ids start over on this log, from the
+                // socket's place in it (what is older is not owed to it).
                 st.log = d.log.to_owned();
                 st.last_id = 0;
-                st.written_id = 0;
+                st.written_id = d.place;
                 st.behind = false;
             }
             let mut result = Push::Queued;
@@ -188,6 +194,9 @@ impl SocketQueue {
                 if d.version != 0 && i + 1 == d.texts.len() {
                     st.version = d.version;
                 }
+            }
+            if starts {
+                st.last_id = st.last_id.max(d.place);
             }
             if d.fetched {
                 st.fetching = false;
@@ -307,6 +316,7 @@ mod tests {
             fetched,
             complete,
             version: 0,
+            place: 0,
         })
     }
 

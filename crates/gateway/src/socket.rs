@@ -17,6 +17,7 @@ use bytes::Bytes;
 use sharedconn_proto::GatewayEvent;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::queue::{Limits, Place, SocketQueue};
 
@@ -35,6 +36,11 @@ pub struct StreamHandle {
     /// Sockets attached to the stream's worker (for spreading new ones):
     /// one more per attach, one less per close or loss.
     pub load: Arc<AtomicUsize>,
+    /// Cancelled when the stream ends, and when a socket is detached from
+    /// it. A private stream serves one socket, so that ends it: what the
+    /// worker sends after the socket left is not applied (the next worker
+    /// replays it). A socket is never attached to a cancelled stream.
+    pub ended: CancellationToken,
 }
 
 #[derive(Clone, Debug)]
@@ -64,6 +70,15 @@ struct Up {
     parked: Bytes,
     route: Route,
     closed: bool,
+}
+
+/// How an attach ended (see [`Socket::finish_move`]).
+pub enum Finish {
+    Attached,
+    /// These frames came in meanwhile: send them first.
+    Newer(Vec<(u64, Bytes)>),
+    /// The stream is gone.
+    Ended,
 }
 
 /// What a worker needs to take a socket over.
@@ -146,6 +161,7 @@ impl Socket {
         let mut up = self.up();
         match &up.route {
             Route::Attached(s) if s.id == stream_id && !up.closed => {
+                s.ended.cancel();
                 up.route = Route::Detached(Instant::now());
                 true
             }
@@ -176,9 +192,14 @@ impl Socket {
     }
 
     /// Finishes an attach whose frames up to `sent` went out: attached when
-    /// nothing newer waits, else those frames, to send first.
-    pub fn finish_move(&self, stream: &StreamHandle, sent: u64) -> Result<(), Vec<(u64, Bytes)>> {
+    /// nothing newer waits and the stream is still up.
+    pub fn finish_move(&self, stream: &StreamHandle, sent: u64) -> Finish {
         let mut up = self.up();
+        // The stream ended while the socket was being attached to it: its
+        // end found the socket still moving and could not detach it.
+        if stream.ended.is_cancelled() {
+            return Finish::Ended;
+        }
         let newer: Vec<_> = up
             .unacked
             .iter()
@@ -187,9 +208,9 @@ impl Socket {
             .collect();
         if newer.is_empty() {
             up.route = Route::Attached(stream.clone());
-            Ok(())
+            Finish::Attached
         } else {
-            Err(newer)
+            Finish::Newer(newer)
         }
     }
 

@@ -40,7 +40,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{Config, Mode};
 use crate::error::{CloseReason, Error};
 use crate::queue::{Delivery, Kill, Limits};
-use crate::socket::{Resume, Route, Socket, StreamHandle};
+use crate::socket::{Finish, Resume, Route, Socket, StreamHandle};
 
 /// Events queued towards a worker on a shared stream. Sessions wait when it
 /// is full (HTTP/2 flow control is pushing back), so it only needs to cover
@@ -322,25 +322,12 @@ impl Upstream {
             Mode::Shared => worker.live().ok_or(CloseReason::NoWorker)?,
             Mode::Private => self.open_private(&worker, socket.ws_id, resuming).await?,
         };
-        let ws_id = socket.ws_id;
-        if stream.events.send(event(Event::Open(open))).await.is_err() {
-            return Err(CloseReason::NoWorker);
+        let sent = send_open(&stream, socket, open, frames).await;
+        if self.mode == Mode::Private && sent.is_err() {
+            // A stream opened for nothing: end it.
+            stream.ended.cancel();
         }
-        let mut sent = 0;
-        let mut frames = frames;
-        loop {
-            for (seq, text) in frames {
-                let frame = Event::Frame(Frame { ws_id, text, seq });
-                if stream.events.send(event(frame)).await.is_err() {
-                    return Err(CloseReason::NoWorker);
-                }
-                sent = seq;
-            }
-            match socket.finish_move(&stream, sent) {
-                Ok(()) => break,
-                Err(newer) => frames = newer,
-            }
-        }
+        sent?;
         stream.load.fetch_add(1, Ordering::Relaxed);
         Ok(stream)
     }
@@ -367,26 +354,34 @@ impl Upstream {
             id: self.next_stream.fetch_add(1, Ordering::Relaxed),
             events,
             load: worker.load.clone(),
+            ended: CancellationToken::new(),
         };
         tokio::spawn(self.clone().pump_private(
             worker.clone(),
-            stream.id,
+            stream.clone(),
             ws_id,
             response.into_inner(),
         ));
         Ok(stream)
     }
 
-    /// Moves one private stream's commands to its socket until it ends.
+    /// Moves one private stream's commands to its socket until the stream
+    /// ends or the socket leaves it (dropping the response resets the
+    /// stream, and the worker lets the socket go).
     async fn pump_private(
         self: Arc<Self>,
         worker: Arc<WorkerLink>,
-        stream_id: u64,
+        stream: StreamHandle,
         ws_id: u64,
         mut commands: tonic::Streaming<WorkerCommand>,
     ) {
         loop {
-            match commands.message().await {
+            let next = tokio::select! {
+                biased;
+                _ = stream.ended.cancelled() => return,
+                next = commands.message() => next,
+            };
+            match next {
                 Ok(Some(WorkerCommand {
                     command: Some(command),
                 })) => {
@@ -398,15 +393,16 @@ impl Upstream {
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(status) => {
-                    debug!(stream_id, %status, "private stream ended");
+                    debug!(stream_id = stream.id, %status, "private stream ended");
                     break;
                 }
             }
         }
+        stream.ended.cancel();
         // The stream served this socket alone: no need to look at the rest.
         let lost = self
             .socket(ws_id)
-            .filter(|s| s.detach_from(stream_id))
+            .filter(|s| s.detach_from(stream.id))
             .map(|s| s.ws_id);
         self.detached_from(&worker, lost.into_iter().collect());
     }
@@ -425,6 +421,7 @@ impl Upstream {
                     fetched: d.fetched,
                     complete: d.complete,
                     version: d.version,
+                    place: d.place,
                 };
                 let table = self.table.read().unwrap_or_else(|e| e.into_inner());
                 for ws in &d.ws_ids {
@@ -461,8 +458,9 @@ impl Upstream {
         }
     }
 
-    /// A stream ended: its sockets wait for the mover.
-    fn stream_lost(&self, worker: &WorkerLink, stream_id: u64) {
+    /// The shared (or control) stream to `worker` ended: the sockets it
+    /// served wait for the mover.
+    fn link_lost(&self, worker: &WorkerLink, stream_id: u64) {
         let lost: Vec<u64> = self
             .table
             .read()
@@ -677,7 +675,8 @@ impl Upstream {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(stream) = live {
-            self.stream_lost(worker, stream.id);
+            stream.ended.cancel();
+            self.link_lost(worker, stream.id);
         }
     }
 
@@ -743,6 +742,7 @@ impl Upstream {
             id: self.next_stream.fetch_add(1, Ordering::Relaxed),
             events,
             load: worker.load.clone(),
+            ended: CancellationToken::new(),
         };
         *worker.live.write().unwrap_or_else(|e| e.into_inner()) = Some(stream.clone());
         info!(worker = %worker.addr, log = %log, resuming, "worker linked");
@@ -922,6 +922,36 @@ impl Upstream {
                 .events
                 .send(event(Event::Close(Close { ws_id })))
                 .await;
+        }
+    }
+}
+
+/// Sends `open` and then `frames` on `stream`, and attaches the socket to
+/// it once no newer frame waits.
+async fn send_open(
+    stream: &StreamHandle,
+    socket: &Socket,
+    open: Open,
+    frames: Vec<(u64, Bytes)>,
+) -> Result<(), CloseReason> {
+    let ws_id = socket.ws_id;
+    if stream.events.send(event(Event::Open(open))).await.is_err() {
+        return Err(CloseReason::NoWorker);
+    }
+    let mut sent = 0;
+    let mut frames = frames;
+    loop {
+        for (seq, text) in frames {
+            let frame = Event::Frame(Frame { ws_id, text, seq });
+            if stream.events.send(event(frame)).await.is_err() {
+                return Err(CloseReason::NoWorker);
+            }
+            sent = seq;
+        }
+        match socket.finish_move(stream, sent) {
+            Finish::Attached => return Ok(()),
+            Finish::Newer(newer) => frames = newer,
+            Finish::Ended => return Err(CloseReason::NoWorker),
         }
     }
 }

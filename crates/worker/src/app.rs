@@ -134,6 +134,9 @@ pub struct Frames {
     pub ids: Vec<u64>,
     /// Set when the texts start the socket over on this log (a Status frame).
     pub log: String,
+    /// With `log`: the socket's place in the log as it starts (see the
+    /// proto's `Deliver.place`).
+    pub place: u64,
     /// An answer to a fetch, and whether it reaches the newest message.
     pub fetched: bool,
     pub complete: bool,

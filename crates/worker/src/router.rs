@@ -293,6 +293,7 @@ impl Router {
                     fetched: frames.fetched,
                     complete: frames.complete,
                     version: frames.version,
+                    place: frames.place,
                 }),
             );
         }

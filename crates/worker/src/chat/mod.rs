@@ -181,19 +181,18 @@ impl<B: Backplane> Chat<B> {
         self.userlist.frame.clone()
     }
 
-    /// Appends to `frames` the messages after `since` (the most recent ones
-    /// when `since` is 0), announcing with a Gap frame those it leaves out.
-    fn replay(&mut self, frames: &mut Frames, since: u64) {
-        let (after, limit) = if since > 0 {
-            (since, MAX_REPLAY)
-        } else {
-            (0, self.history)
+    /// Appends to `frames` the messages after `since`, announcing with a
+    /// Gap frame those it leaves out; with no `since`, the most recent ones.
+    fn replay(&mut self, frames: &mut Frames, since: Option<u64>) {
+        let (after, limit) = match since {
+            Some(since) => (since, MAX_REPLAY),
+            None => (0, self.history),
         };
         match self.backplane.history(after, self.last_delivered, limit) {
             Ok(messages) => {
                 let first = messages.first().map_or(self.last_delivered + 1, |m| m.id);
-                if since > 0 && first > since + 1 {
-                    frames.push(rules::gap_frame(since, first - since - 1), 0);
+                if since.is_some() && first > after + 1 {
+                    frames.push(rules::gap_frame(after, first - after - 1), 0);
                 }
                 for m in &messages {
                     frames.push(rules::chat_frame(m), m.id);
@@ -261,7 +260,9 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
             // Served before on this log: only what it missed, and the list
             // if the last one its gateway queued is not the current one (a
             // list lost with a cut stream, or a change while it moved).
-            self.replay(&mut frames, open.since);
+            // Its place is exact even at 0: it started on this log with
+            // nothing before it, and every message since is owed to it.
+            self.replay(&mut frames, Some(open.since));
             if let Some((list, version)) = self.current_list()
                 && version != open.version
             {
@@ -276,8 +277,10 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
         let wsid = sharedconn_proto::ws_id_string(ws);
         frames.push(rules::status_frame(&wsid, self.backplane.log_id()), 0);
         frames.log = self.backplane.log_id().to_owned();
-        // A socket re-attached to a log that lost its data starts over.
-        let since = if open.resume { 0 } else { open.since };
+        frames.place = self.last_delivered;
+        // A page reconnecting says what it has; a socket re-attached to a
+        // log that lost its data starts over.
+        let since = (!open.resume && open.since > 0).then_some(open.since);
         self.replay(&mut frames, since);
         // While a list is pending, it will reach this socket too.
         if let Some((list, version)) = self.current_list() {
@@ -473,6 +476,7 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
                     let wsid = sharedconn_proto::ws_id_string(*ws);
                     let mut frames = Frames {
                         log: log.clone(),
+                        place: self.last_delivered,
                         ..Frames::default()
                     };
                     frames.push(rules::status_frame(&wsid, &log), 0);
