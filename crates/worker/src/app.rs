@@ -219,6 +219,11 @@ impl<'a> Outbox<'a> {
         self.router.socket_count()
     }
 
+    /// How many link streams are up (in private mode, one per socket).
+    pub fn open_streams(&self) -> usize {
+        self.router.stream_count()
+    }
+
     /// Frame bytes written and not yet taken by the gateways' streams: how
     /// far behind the gateways are. Costs a pass over the streams.
     pub fn queued_bytes(&self) -> usize {

@@ -37,6 +37,12 @@ use rules::{ClientFrame, DEFAULT_ALIAS};
 /// private mode a list of 10,000 names still queued for about a hundred of
 /// the sockets.
 const LIST_BACKLOG_BYTES: usize = 16 << 20;
+/// What one stream's copy of a broadcast costs, in sockets' writes: the
+/// worker encodes it, HTTP/2 carries it, the gateway decodes and checks it.
+/// A 10,000-socket private join storm paced as if it were shared mode
+/// saturated both processes for seconds, so long that busy links missed
+/// their keepalive deadlines and were declared dead.
+const STREAM_COPY_WEIGHT: usize = 4;
 /// Most messages replayed to a client that reconnects with `since`, or sent
 /// in one answer to a fetch (older ones are announced with a Gap frame).
 /// Well under the gateway's default socket queue (1024), so live messages
@@ -159,9 +165,13 @@ impl<B: Backplane> Chat<B> {
             "online list sent"
         );
         crate::metrics::online_users(users.len());
+        // A socket costs its gateway a write; a stream costs this worker an
+        // encode and its gateway a decode of its own copy, so in private
+        // mode (a stream per socket) a list costs several times as much.
+        let recipients = out.open_sockets() + STREAM_COPY_WEIGHT * out.open_streams();
         self.userlist
             .pacer
-            .sent(Instant::now(), frame.len(), out.open_sockets());
+            .sent(Instant::now(), frame.len(), recipients);
         let version = list_version(&frame);
         out.broadcast_state(frame.clone(), version);
         self.userlist.frame = Some((frame, version));
