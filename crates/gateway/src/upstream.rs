@@ -375,10 +375,12 @@ impl Upstream {
         ws_id: u64,
         mut commands: tonic::Streaming<WorkerCommand>,
     ) {
+        let ended = stream.ended.cancelled();
+        tokio::pin!(ended);
         loop {
             let next = tokio::select! {
                 biased;
-                _ = stream.ended.cancelled() => return,
+                _ = &mut ended => return,
                 next = commands.message() => next,
             };
             match next {
