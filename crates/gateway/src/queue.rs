@@ -251,9 +251,9 @@ impl SocketQueue {
                     let n = st.frames.len().min(max);
                     let mut written = st.written_id;
                     for (text, id) in st.frames.drain(..n) {
-                        if id != 0 {
-                            written = id;
-                        }
+                        // Never below the socket's place: the history a new
+                        // socket is shown is older than what it is owed.
+                        written = written.max(id);
                         batch.push(text);
                     }
                     st.written_id = written;
@@ -373,5 +373,47 @@ mod tests {
         batch.clear();
         q.next(&mut batch, 10).await.unwrap();
         assert_eq!(batch, ["6"].map(Utf8Bytes::from), "live again");
+    }
+
+    /// A socket starts at its place: it is owed what comes after it, and
+    /// the history shown before it is not what it falls back to.
+    #[tokio::test]
+    async fn a_socket_starts_at_its_place() {
+        let limits = Limits {
+            frames: 3,
+            bytes: 1 << 20,
+        };
+        let q = SocketQueue::new(limits);
+        let texts: Vec<Utf8Bytes> = ["status", "9", "10"].map(Utf8Bytes::from).to_vec();
+        q.deliver(&Delivery {
+            texts: &texts,
+            ids: &[0, 9, 10],
+            log: "log",
+            fetched: false,
+            complete: false,
+            version: 0,
+            place: 10,
+        });
+        assert_eq!(q.place().last_id, 10);
+        // Its queue overflows before anything is written: it fetches from
+        // its place, not from the start of the log.
+        assert_eq!(chat(&q, &[11, 12], false, false), Push::Behind);
+        let mut batch = Vec::new();
+        assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(10)));
+
+        // A page that reconnects with what it has: owed everything after it.
+        let q = SocketQueue::new(limits);
+        let texts: Vec<Utf8Bytes> = ["status", "4"].map(Utf8Bytes::from).to_vec();
+        q.deliver(&Delivery {
+            texts: &texts,
+            ids: &[0, 4],
+            log: "log",
+            fetched: false,
+            complete: false,
+            version: 0,
+            place: 3,
+        });
+        assert_eq!(chat(&q, &[5, 6], false, false), Push::Behind);
+        assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(3)));
     }
 }

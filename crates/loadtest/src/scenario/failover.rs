@@ -470,9 +470,11 @@ async fn measure(
         || progress.set(ctx.connect.done() as u64),
     )
     .await;
+    tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
+    // Read after the settle: a client still connecting at the deadline may
+    // finish during it, and it receives (and is owed) the whole run.
     let connected = ctx.connect.connected();
     let connect = ctx.connect.report(args.clients);
-    tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
 
     // Send; the fault after --before seconds.
     let watched = [

@@ -193,16 +193,22 @@ impl<B: Backplane> Chat<B> {
 
     /// Appends to `frames` the messages after `since`, announcing with a
     /// Gap frame those it leaves out; with no `since`, the most recent ones.
-    fn replay(&mut self, frames: &mut Frames, since: Option<u64>) {
+    /// Returns the socket's place: the id after which it is owed every
+    /// message (with no `since`, the newest: the history is a courtesy).
+    fn replay(&mut self, frames: &mut Frames, since: Option<u64>) -> u64 {
         let (after, limit) = match since {
             Some(since) => (since, MAX_REPLAY),
             None => (0, self.history),
         };
+        // A page may claim more than there is (the load generator asks for
+        // no history with the largest id a page can hold).
+        let mut place = since.map_or(self.last_delivered, |s| s.min(self.last_delivered));
         match self.backplane.history(after, self.last_delivered, limit) {
             Ok(messages) => {
                 let first = messages.first().map_or(self.last_delivered + 1, |m| m.id);
                 if since.is_some() && first > after + 1 {
                     frames.push(rules::gap_frame(after, first - after - 1), 0);
+                    place = first - 1;
                 }
                 for m in &messages {
                     frames.push(rules::chat_frame(m), m.id);
@@ -210,6 +216,7 @@ impl<B: Backplane> Chat<B> {
             }
             Err(e) => warn!(error = %e, "cannot read history"),
         }
+        place
     }
 
     fn presence(&self, ws: WsId, socket: &Socket) -> Option<Presence> {
@@ -272,7 +279,7 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
             // list lost with a cut stream, or a change while it moved).
             // Its place is exact even at 0: it started on this log with
             // nothing before it, and every message since is owed to it.
-            self.replay(&mut frames, Some(open.since));
+            let _ = self.replay(&mut frames, Some(open.since));
             if let Some((list, version)) = self.current_list()
                 && version != open.version
             {
@@ -287,11 +294,10 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
         let wsid = sharedconn_proto::ws_id_string(ws);
         frames.push(rules::status_frame(&wsid, self.backplane.log_id()), 0);
         frames.log = self.backplane.log_id().to_owned();
-        frames.place = self.last_delivered;
         // A page reconnecting says what it has; a socket re-attached to a
         // log that lost its data starts over.
         let since = (!open.resume && open.since > 0).then_some(open.since);
-        self.replay(&mut frames, since);
+        frames.place = self.replay(&mut frames, since);
         // While a list is pending, it will reach this socket too.
         if let Some((list, version)) = self.current_list() {
             frames.push(list, 0);
