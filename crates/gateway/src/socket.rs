@@ -36,10 +36,10 @@ pub struct StreamHandle {
     /// Sockets attached to the stream's worker (for spreading new ones):
     /// one more per attach, one less per close or loss.
     pub load: Arc<AtomicUsize>,
-    /// Cancelled when the stream ends, and when a socket is detached from
-    /// it. A private stream serves one socket, so that ends it: what the
-    /// worker sends after the socket left is not applied (the next worker
-    /// replays it). A socket is never attached to a cancelled stream.
+    /// Cancelled once the stream is over: its link or its pump saw it end,
+    /// or an attach on it failed. Always before its sockets are detached,
+    /// and a socket is never attached to a cancelled stream. A private
+    /// stream's pump stops at it.
     pub ended: CancellationToken,
 }
 
@@ -161,7 +161,6 @@ impl Socket {
         let mut up = self.up();
         match &up.route {
             Route::Attached(s) if s.id == stream_id && !up.closed => {
-                s.ended.cancel();
                 up.route = Route::Detached(Instant::now());
                 true
             }

@@ -322,12 +322,12 @@ impl Upstream {
             Mode::Shared => worker.live().ok_or(CloseReason::NoWorker)?,
             Mode::Private => self.open_private(&worker, socket.ws_id, resuming).await?,
         };
-        let sent = send_open(&stream, socket, open, frames).await;
-        if self.mode == Mode::Private && sent.is_err() {
-            // A stream opened for nothing: end it.
+        if let Err(reason) = send_open(&stream, socket, open, frames).await {
+            // The stream is gone (its events are no longer read), or was
+            // opened for nothing: a private stream's pump stops.
             stream.ended.cancel();
+            return Err(reason);
         }
-        sent?;
         stream.load.fetch_add(1, Ordering::Relaxed);
         Ok(stream)
     }
