@@ -169,68 +169,77 @@ fn upgrade(gateway: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Body> 
 
     let tracker = gateway.tracker.clone();
     tracker.spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
-                debug!(error = %e, "upgrade failed");
-                return;
+        // Everything before the session is set up inside this block, so its
+        // locals are gone while the session runs: a task is as big as its
+        // biggest state for its whole life, and locals still in scope
+        // (even moved from) would sit beside the session in every socket.
+        let setup = async {
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    debug!(error = %e, "upgrade failed");
+                    return None;
+                }
+            };
+            // Split the stream: tungstenite reads, our FrameWriter writes.
+            let (io, leftover) = match upgraded.downcast::<TokioIo<ServerIo>>() {
+                // Copy what the client sent behind its handshake, and let go of
+                // hyper's read buffer: held for the socket's life it would
+                // double an idle socket's memory.
+                Ok(parts) => (parts.io, parts.read_buf.to_vec()),
+                Err(_) => {
+                    warn!("upgraded connection is not a ServerIo");
+                    return None;
+                }
+            };
+            let (read, write) = io.into_inner().into_split();
+            let mut writer = FrameWriter::new(write);
+            let config = WebSocketConfig::default()
+                .read_buffer_size(READ_BUFFER)
+                .max_message_size(Some(gateway.config.max_frame_bytes))
+                .max_frame_size(Some(gateway.config.max_frame_bytes));
+            let reader = WebSocketStream::from_partially_read(
+                ReadHalf::new(read),
+                leftover,
+                Role::Server,
+                Some(config),
+            )
+            .await;
+            let ws_id = gateway.next_ws_id();
+            metrics::socket_opened();
+            // Boxed for the same reason: attaching (a gRPC call in private
+            // mode) needs far more state than the session that follows.
+            match Box::pin(gateway.upstream.attach(ws_id, since)).await {
+                Ok(socket) => {
+                    debug!(ws_id, "socket opened");
+                    let limit =
+                        RateLimit::new(gateway.config.frames_per_sec, gateway.config.frame_burst);
+                    // Boxed too: a future handed out by value is moved,
+                    // and a moved future takes its room twice in the task.
+                    Some(Box::pin(session::run(
+                        reader,
+                        writer,
+                        socket,
+                        gateway.upstream.clone(),
+                        limit,
+                        gateway.drain.clone(),
+                        session::Timing {
+                            stall: gateway.config.stall_timeout,
+                            ping_interval: gateway.config.ping_interval,
+                            pong_timeout: gateway.config.pong_timeout,
+                            frame_timeout: gateway.config.frame_timeout,
+                        },
+                    )))
+                }
+                Err(reason) => {
+                    metrics::socket_closed(Some(reason.code().into()));
+                    let _ = writer.close(reason.code().into(), reason.text()).await;
+                    None
+                }
             }
         };
-        // Split the stream: tungstenite reads, our FrameWriter writes.
-        let (io, leftover) = match upgraded.downcast::<TokioIo<ServerIo>>() {
-            // Copy what the client sent behind its handshake, and let go of
-            // hyper's read buffer: held for the socket's life it would
-            // double an idle socket's memory.
-            Ok(parts) => (parts.io, parts.read_buf.to_vec()),
-            Err(_) => {
-                warn!("upgraded connection is not a ServerIo");
-                return;
-            }
-        };
-        let (read, write) = io.into_inner().into_split();
-        let mut writer = FrameWriter::new(write);
-        let config = WebSocketConfig::default()
-            .read_buffer_size(READ_BUFFER)
-            .max_message_size(Some(gateway.config.max_frame_bytes))
-            .max_frame_size(Some(gateway.config.max_frame_bytes));
-        let reader = WebSocketStream::from_partially_read(
-            ReadHalf::new(read),
-            leftover,
-            Role::Server,
-            Some(config),
-        )
-        .await;
-        let ws_id = gateway.next_ws_id();
-        metrics::socket_opened();
-        // Boxed: attaching (a gRPC call in private mode) needs far more state
-        // than the session that follows, and a task is as big as its
-        // biggest state for its whole life.
-        match Box::pin(gateway.upstream.attach(ws_id, since)).await {
-            Ok(socket) => {
-                debug!(ws_id, "socket opened");
-                let limit =
-                    RateLimit::new(gateway.config.frames_per_sec, gateway.config.frame_burst);
-                session::run(
-                    reader,
-                    writer,
-                    socket,
-                    gateway.upstream.clone(),
-                    limit,
-                    gateway.drain.clone(),
-                    session::Timing {
-                        stall: gateway.config.stall_timeout,
-                        ping_interval: gateway.config.ping_interval,
-                        pong_timeout: gateway.config.pong_timeout,
-                        frame_timeout: gateway.config.frame_timeout,
-                    },
-                )
-                .await;
-                debug!(ws_id, "socket closed");
-            }
-            Err(reason) => {
-                metrics::socket_closed(Some(reason.code().into()));
-                let _ = writer.close(reason.code().into(), reason.text()).await;
-            }
+        if let Some(session) = Box::pin(setup).await {
+            session.await;
         }
         drop(permit);
     });

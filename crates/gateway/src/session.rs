@@ -49,7 +49,15 @@ pub struct Timing {
 }
 
 /// Runs the socket until either side ends it, then tells the worker.
-pub async fn run(
+///
+/// An `async` block rather than an `async fn`: the function's arguments
+/// would be copied into the future's locals and take their room twice, and
+/// this future is most of what an idle socket costs.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would copy its arguments into the future"
+)]
+pub fn run(
     mut reader: Reader,
     mut writer: FrameWriter,
     socket: Arc<Socket>,
@@ -57,36 +65,48 @@ pub async fn run(
     mut limit: RateLimit,
     drain: CancellationToken,
     timing: Timing,
-) {
-    let stall = timing.stall;
-    // One timer per socket, for the keepalive and for half-sent frames.
-    let check_every =
-        (timing.frame_timeout.min(timing.ping_interval) / 2).max(Duration::from_millis(10));
-    let mut next_check = Instant::now() + check_every;
-    let mut heard = Instant::now();
-    let mut pinged = false;
-    let mut at_message = reader.get_ref().bytes_read();
-    let mut partial_since: Option<Instant> = None;
-    let queue = &socket.queue;
-    let ws_id = socket.ws_id;
-    let counters = SessionCounters::new();
-    // One waiter for the whole session: the token is shared by every socket,
-    // and a fresh `cancelled()` each turn would lock its waiter list each turn.
-    let drained = drain.cancelled_owned();
-    tokio::pin!(drained);
-    let close: Option<Kill> = loop {
-        let throttle = limit.wait_until();
-        let mut batch = Vec::new();
-        tokio::select! {
-            _ = &mut drained => break Some(CloseReason::GoingAway.into()),
-            next = queue.next(&mut batch, WRITE_BATCH) => match next {
-                Err(kill) => break Some(kill),
-                // Behind, and all written: fetch what was missed.
-                Ok(Next::Fetch(after)) => {
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let stall = timing.stall;
+        // One timer per socket, for the keepalive and for half-sent frames.
+        let check_every =
+            (timing.frame_timeout.min(timing.ping_interval) / 2).max(Duration::from_millis(10));
+        let mut next_check = Instant::now() + check_every;
+        let mut heard = Instant::now();
+        let mut pinged = false;
+        let mut at_message = reader.get_ref().bytes_read();
+        let mut partial_since: Option<Instant> = None;
+        let queue = &socket.queue;
+        let ws_id = socket.ws_id;
+        let counters = SessionCounters::new();
+        // One waiter for the whole session: the token is shared by every socket,
+        // and a fresh `cancelled()` each turn would lock its waiter list each turn.
+        let drained = drain.cancelled_owned();
+        tokio::pin!(drained);
+        let close: Option<Kill> = loop {
+            let throttle = limit.wait_until();
+            let mut batch = Vec::new();
+            // What woke the session is handled after the futures it waited on
+            // are dropped: a task is as big as its biggest state for its whole
+            // life, and a write or a send awaited inside a branch would sit on
+            // top of them in every idle socket.
+            let woke = tokio::select! {
+                _ = &mut drained => Woke::Drained,
+                next = queue.next(&mut batch, WRITE_BATCH) => Woke::Queue(next),
+                _ = tokio::time::sleep_until(next_check) => Woke::Check,
+                _ = tokio::time::sleep_until(throttle.unwrap_or_else(Instant::now)), if throttle.is_some() => Woke::Throttled,
+                msg = reader.next(), if throttle.is_none() => Woke::Client(msg),
+            };
+            match woke {
+                Woke::Drained => break Some(CloseReason::GoingAway.into()),
+                Woke::Queue(Err(kill)) => break Some(kill),
+                // Behind, and all written: fetch what was missed. Boxed, like
+                // every rare await here, to keep the idle state small.
+                Woke::Queue(Ok(Next::Fetch(after))) => {
                     counters.fetch();
-                    upstream.fetch(&socket, after).await
+                    Box::pin(upstream.fetch(&socket, after)).await
                 }
-                Ok(Next::Frames) => {
+                Woke::Queue(Ok(Next::Frames)) => {
                     // A write to a slow client may block; it must not keep the
                     // socket from being killed or drained.
                     tokio::select! {
@@ -99,101 +119,117 @@ pub async fn run(
                         _ = &mut drained => break Some(CloseReason::GoingAway.into()),
                     }
                 }
-            },
-            _ = tokio::time::sleep_until(next_check) => {
-                let now = Instant::now();
-                next_check = now + check_every;
-                // Bytes came in since the last whole frame and no frame
-                // completed: a frame left half-sent holds its buffer.
-                if reader.get_ref().bytes_read() > at_message {
-                    let since = *partial_since.get_or_insert(now);
-                    if now - since >= timing.frame_timeout {
-                        break Some(CloseReason::FrameTimeout.into());
+                Woke::Check => {
+                    let now = Instant::now();
+                    next_check = now + check_every;
+                    // Bytes came in since the last whole frame and no frame
+                    // completed: a frame left half-sent holds its buffer.
+                    if reader.get_ref().bytes_read() > at_message {
+                        let since = *partial_since.get_or_insert(now);
+                        if now - since >= timing.frame_timeout {
+                            break Some(CloseReason::FrameTimeout.into());
+                        }
+                    } else {
+                        partial_since = None;
                     }
-                } else {
-                    partial_since = None;
+                    let silent = now - heard;
+                    if silent >= timing.ping_interval + timing.pong_timeout {
+                        break Some(CloseReason::Unresponsive.into());
+                    }
+                    if silent >= timing.ping_interval && !pinged {
+                        pinged = true;
+                        tokio::select! {
+                            written = tokio::time::timeout(stall, writer.ping()) => match written {
+                                Ok(Ok(())) => {}
+                                Ok(Err(_)) => break None,
+                                Err(_) => break Some(CloseReason::TooSlow.into()),
+                            },
+                            kill = queue.killed() => break Some(kill),
+                            _ = &mut drained => break Some(CloseReason::GoingAway.into()),
+                        }
+                    }
                 }
-                let silent = now - heard;
-                if silent >= timing.ping_interval + timing.pong_timeout {
-                    break Some(CloseReason::Unresponsive.into());
-                }
-                if silent >= timing.ping_interval && !pinged {
-                    pinged = true;
-                    tokio::select! {
-                        written = tokio::time::timeout(stall, writer.ping()) => match written {
-                            Ok(Ok(())) => {}
-                            Ok(Err(_)) => break None,
-                            Err(_) => break Some(CloseReason::TooSlow.into()),
+                Woke::Throttled => {}
+                Woke::Client(msg) => {
+                    if let Some(Ok(_)) = &msg {
+                        // Anything whole from the client: it is alive, and no
+                        // frame is half-sent.
+                        heard = Instant::now();
+                        pinged = false;
+                        at_message = reader.get_ref().bytes_read();
+                        partial_since = None;
+                    }
+                    match msg {
+                        Some(Ok(Message::Text(text))) => {
+                            limit.take();
+                            counters.frame_in();
+                            // Waits only while this client has too many frames in
+                            // flight (its worker is away or slow): it is read no
+                            // faster, and nobody else waits.
+                            tokio::select! {
+                                _ = Box::pin(upstream.send_frame(&socket, text.into())) => {}
+                                kill = queue.killed() => break Some(kill),
+                                _ = &mut drained => break Some(CloseReason::GoingAway.into()),
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => break Some(CloseReason::Binary.into()),
+                        Some(Ok(Message::Ping(payload))) => {
+                            // Pings count against the rate limit, and the pong, like
+                            // any write, must not keep the socket from being killed:
+                            // a client that pings and never reads fills its window.
+                            limit.take();
+                            tokio::select! {
+                                written = tokio::time::timeout(stall, writer.pong(&payload)) => match written {
+                                    Ok(Ok(())) => {}
+                                    Ok(Err(_)) => break None,
+                                    Err(_) => break Some(CloseReason::TooSlow.into()),
+                                },
+                                kill = queue.killed() => break Some(kill),
+                                _ = &mut drained => break Some(CloseReason::GoingAway.into()),
+                            }
+                        }
+                        Some(Ok(Message::Pong(_))) => limit.take(),
+                        Some(Ok(Message::Frame(_))) => {}
+                        // Echo the client's close, as RFC 6455 asks.
+                        Some(Ok(Message::Close(frame))) => {
+                            let code = frame.map_or(1000, |f| u16::from(f.code));
+                            break Some(Kill {
+                                code,
+                                reason: String::new(),
+                            });
+                        }
+                        None => break None,
+                        Some(Err(e)) => match reason_for(&e) {
+                            Some(reason) => break Some(reason.into()),
+                            None => {
+                                debug!(ws_id, error = %e, "socket ended");
+                                break None;
+                            }
                         },
-                        kill = queue.killed() => break Some(kill),
-                        _ = &mut drained => break Some(CloseReason::GoingAway.into()),
                     }
                 }
             }
-            _ = tokio::time::sleep_until(throttle.unwrap_or_else(Instant::now)), if throttle.is_some() => {}
-            msg = reader.next(), if throttle.is_none() => {
-                if let Some(Ok(_)) = &msg {
-                    // Anything whole from the client: it is alive, and no
-                    // frame is half-sent.
-                    heard = Instant::now();
-                    pinged = false;
-                    at_message = reader.get_ref().bytes_read();
-                    partial_since = None;
-                }
-                match msg {
-                Some(Ok(Message::Text(text))) => {
-                    limit.take();
-                    counters.frame_in();
-                    // Waits only while this client has too many frames in
-                    // flight (its worker is away or slow): it is read no
-                    // faster, and nobody else waits.
-                    tokio::select! {
-                        _ = upstream.send_frame(&socket, text.into()) => {}
-                        kill = queue.killed() => break Some(kill),
-                        _ = &mut drained => break Some(CloseReason::GoingAway.into()),
-                    }
-                }
-                Some(Ok(Message::Binary(_))) => break Some(CloseReason::Binary.into()),
-                Some(Ok(Message::Ping(payload))) => {
-                    // Pings count against the rate limit, and the pong, like
-                    // any write, must not keep the socket from being killed:
-                    // a client that pings and never reads fills its window.
-                    limit.take();
-                    tokio::select! {
-                        written = tokio::time::timeout(stall, writer.pong(&payload)) => match written {
-                            Ok(Ok(())) => {}
-                            Ok(Err(_)) => break None,
-                            Err(_) => break Some(CloseReason::TooSlow.into()),
-                        },
-                        kill = queue.killed() => break Some(kill),
-                        _ = &mut drained => break Some(CloseReason::GoingAway.into()),
-                    }
-                }
-                Some(Ok(Message::Pong(_))) => limit.take(),
-                Some(Ok(Message::Frame(_))) => {}
-                // Echo the client's close, as RFC 6455 asks.
-                Some(Ok(Message::Close(frame))) => {
-                    let code = frame.map_or(1000, |f| u16::from(f.code));
-                    break Some(Kill { code, reason: String::new() });
-                }
-                None => break None,
-                Some(Err(e)) => match reason_for(&e) {
-                    Some(reason) => break Some(reason.into()),
-                    None => {
-                        debug!(ws_id, error = %e, "socket ended");
-                        break None;
-                    }
-                },
-            }
-            },
+        };
+        crate::metrics::socket_closed(close.as_ref().map(|k| k.code));
+        if let Some(kill) = close {
+            debug!(ws_id, code = kill.code, reason = %kill.reason, "closing socket");
+            let _ =
+                tokio::time::timeout(CLOSE_TIMEOUT, writer.close(kill.code, &kill.reason)).await;
         }
-    };
-    crate::metrics::socket_closed(close.as_ref().map(|k| k.code));
-    if let Some(kill) = close {
-        debug!(ws_id, code = kill.code, reason = %kill.reason, "closing socket");
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.close(kill.code, &kill.reason)).await;
+        Box::pin(upstream.close(&socket)).await;
+        debug!(ws_id, "socket closed");
     }
-    upstream.close(&socket).await;
+}
+
+/// What woke a session.
+enum Woke {
+    Drained,
+    Queue(Result<Next, Kill>),
+    /// Time to look at the keepalive and at half-sent frames.
+    Check,
+    /// The rate limit lets the client be read again.
+    Throttled,
+    Client(Option<Result<Message, WsError>>),
 }
 
 /// The close we owe the client for a read error, or `None` when the
