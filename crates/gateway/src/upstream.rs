@@ -84,6 +84,23 @@ const RESOLVE_EVERY: Duration = Duration::from_secs(2);
 /// How long a worker may take to answer `Hello` with `Welcome`.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The HTTP/2 keepalive that finds a hung worker (SIGSTOP) or a cut link
+/// within `link_timeout`: how long a connection may read nothing before it
+/// is pinged, and how long the ping's answer may take.
+///
+/// The answer gets most of the time because it arrives behind whatever the
+/// connection has in flight, and a busy worker is slow, not dead: declaring
+/// it dead moves every socket it serves. The ping goes out soon (it costs
+/// 17 bytes, and only on a connection that read nothing meanwhile), and the
+/// two add up to 90% of the timeout: the rest is room for a busy gateway to
+/// notice the deadline and act on it. (At an eighth and seven eighths, the
+/// sum was the whole timeout and a loaded gateway found hangs up to 81 ms
+/// past it.)
+fn keepalive(link_timeout: Duration) -> (Duration, Duration) {
+    let ping_every = link_timeout / 40;
+    (ping_every, link_timeout * 7 / 8)
+}
+
 /// A worker address as configured, split for resolving.
 #[derive(Debug, Clone)]
 struct Target {
@@ -105,6 +122,9 @@ pub struct WorkerLink {
     live: RwLock<Option<StreamHandle>>,
     /// The worker asked for its sockets to move: no new ones.
     draining: AtomicBool,
+    /// When a connection to the worker last failed under a socket's own
+    /// stream (private mode), while the link still looked up.
+    failed_at: Mutex<Option<Instant>>,
     /// The worker's log name, from its `Welcome`.
     log: Mutex<String>,
     /// Sockets attached, for spreading new ones.
@@ -114,6 +134,21 @@ pub struct WorkerLink {
 }
 
 impl WorkerLink {
+    /// A connection to this worker failed: a hang shows on every one of them
+    /// within a few milliseconds, and the link may be the last to notice.
+    fn failed(&self) {
+        *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// No connection to the worker failed within `within`, or the link came
+    /// up since.
+    fn trusted(&self, within: Duration) -> bool {
+        self.failed_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|at| at.elapsed() >= within)
+    }
+
     fn live(&self) -> Option<StreamHandle> {
         if self.draining.load(Ordering::Relaxed) {
             return None;
@@ -248,10 +283,16 @@ impl Upstream {
             .cloned()
     }
 
-    /// The live worker with the fewest sockets (ties rotate).
+    /// The live worker with the fewest sockets (ties rotate). A worker one
+    /// of whose connections just failed is passed over while another is
+    /// live: re-attaching a hung worker's sockets to it again would wait for
+    /// each of its connections to time out.
     fn pick(&self) -> Option<Arc<WorkerLink>> {
         let workers = self.workers();
-        let live: Vec<_> = workers.iter().filter(|w| w.live().is_some()).collect();
+        let mut live: Vec<_> = workers.iter().filter(|w| w.live().is_some()).collect();
+        if live.iter().any(|w| w.trusted(self.link_timeout)) {
+            live.retain(|w| w.trusted(self.link_timeout));
+        }
         if live.is_empty() {
             return None;
         }
@@ -348,6 +389,9 @@ impl Upstream {
             .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer to the link")))
             .map_err(|status| {
                 debug!(ws_id, %status, "private link refused");
+                if connection_failed(&status) {
+                    worker.failed();
+                }
                 CloseReason::NoWorker
             })?;
         let stream = StreamHandle {
@@ -396,6 +440,9 @@ impl Upstream {
                 Ok(None) => break,
                 Err(status) => {
                     debug!(stream_id = stream.id, %status, "private stream ended");
+                    if connection_failed(&status) {
+                        worker.failed();
+                    }
                     break;
                 }
             }
@@ -604,19 +651,13 @@ impl Upstream {
 
     fn new_link(&self, addr: SocketAddr, target: usize) -> Result<Arc<WorkerLink>, Error> {
         let url = format!("http://{addr}");
-        let ping_every = self.link_timeout / 8;
+        let (ping_every, answer_within) = keepalive(self.link_timeout);
         let endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| Error::WorkerAddress(url.clone(), e.to_string()))?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(2))
-            // A hung worker (SIGSTOP) or a cut link is found within the link
-            // timeout: a ping every eighth of it, its answer due within the
-            // rest. The answer gets most of the time because it arrives
-            // behind whatever the connection has in flight, and a busy
-            // worker is slow, not dead: declaring it dead moves every
-            // socket it serves.
             .http2_keep_alive_interval(ping_every)
-            .keep_alive_timeout(self.link_timeout - ping_every)
+            .keep_alive_timeout(answer_within)
             .keep_alive_while_idle(true)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -642,6 +683,7 @@ impl Upstream {
             private,
             live: RwLock::new(None),
             draining: AtomicBool::new(false),
+            failed_at: Mutex::new(None),
             log: Mutex::new(String::new()),
             load: Arc::new(AtomicUsize::new(0)),
             gone: self.stop.child_token(),
@@ -740,6 +782,7 @@ impl Upstream {
         }
         *worker.log.lock().unwrap_or_else(|e| e.into_inner()) = log.clone();
         worker.draining.store(false, Ordering::Relaxed);
+        *worker.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let stream = StreamHandle {
             id: self.next_stream.fetch_add(1, Ordering::Relaxed),
             events,
@@ -958,6 +1001,15 @@ async fn send_open(
     }
 }
 
+/// Whether a stream ended because its connection did (a keepalive ping
+/// unanswered, a reset, a refused connect), not by the worker's choice.
+fn connection_failed(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown
+    )
+}
+
 /// Takes `n` sockets off a worker's load (never below zero: a socket may
 /// be counted off by its close and by its stream's loss).
 fn release_load(load: &AtomicUsize, n: usize) {
@@ -973,4 +1025,20 @@ fn checked(texts: Vec<Bytes>) -> Option<Vec<Utf8Bytes>> {
     checked
         .inspect_err(|_| warn!("worker sent a frame that is not UTF-8"))
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hang_is_found_within_the_link_timeout_with_room_to_spare() {
+        for ms in [200, 2_000, 30_000] {
+            let timeout = Duration::from_millis(ms);
+            let (ping_every, answer_within) = keepalive(timeout);
+            assert!(!ping_every.is_zero());
+            assert!(ping_every + answer_within <= timeout * 9 / 10, "{ms} ms");
+            assert!(answer_within >= timeout * 3 / 4, "{ms} ms");
+        }
+    }
 }
