@@ -1041,4 +1041,48 @@ mod tests {
             assert!(answer_within >= timeout * 3 / 4, "{ms} ms");
         }
     }
+
+    /// Two workers that look linked (their addresses are never dialled).
+    fn two_linked_workers(upstream: &Upstream) -> Vec<Arc<WorkerLink>> {
+        let links: Vec<_> = (1..=2)
+            .map(|port| {
+                let link = upstream
+                    .new_link(SocketAddr::from(([127, 0, 0, 1], port)), 0)
+                    .unwrap();
+                *link.live.write().unwrap() = Some(StreamHandle {
+                    id: u64::from(port),
+                    events: mpsc::channel(1).0,
+                    load: link.load.clone(),
+                    ended: CancellationToken::new(),
+                });
+                link
+            })
+            .collect();
+        *upstream.workers.write().unwrap() = links.clone();
+        links
+    }
+
+    #[tokio::test]
+    async fn a_worker_whose_connection_just_failed_is_passed_over_while_another_is_live() {
+        let mut config = Config::new(Vec::new());
+        config.mode = Mode::Private;
+        let stop = CancellationToken::new();
+        let upstream = Upstream::start(&config, 1, stop.clone()).unwrap();
+        let links = two_linked_workers(&upstream);
+
+        links[0].failed();
+        for _ in 0..8 {
+            let picked = upstream.pick().unwrap();
+            assert!(Arc::ptr_eq(&picked, &links[1]));
+        }
+        // With every live worker in doubt, one of them still serves.
+        links[1].failed();
+        let picked: Vec<_> = (0..8).map(|_| upstream.pick().unwrap()).collect();
+        assert!(picked.iter().any(|w| Arc::ptr_eq(w, &links[0])));
+        assert!(picked.iter().any(|w| Arc::ptr_eq(w, &links[1])));
+        // The doubt lasts a link timeout.
+        assert!(!links[0].trusted(config.link_timeout));
+        assert!(links[0].trusted(Duration::ZERO));
+        stop.cancel();
+    }
 }
