@@ -86,10 +86,9 @@ pub fn run(
         let close: Option<Kill> = loop {
             let throttle = limit.wait_until();
             let mut batch = Vec::new();
-            // What woke the session is handled after the futures it waited on
-            // are dropped: a task is as big as its biggest state for its whole
-            // life, and a write or a send awaited inside a branch would sit on
-            // top of them in every idle socket.
+            // What woke the session, handled below. A task is as big as its
+            // biggest state for its whole life, so the rare awaits there are
+            // boxed: a frame to the worker, a fetch, the close.
             let woke = tokio::select! {
                 _ = &mut drained => Woke::Drained,
                 next = queue.next(&mut batch, WRITE_BATCH) => Woke::Queue(next),

@@ -122,8 +122,8 @@ pub struct WorkerLink {
     live: RwLock<Option<StreamHandle>>,
     /// The worker asked for its sockets to move: no new ones.
     draining: AtomicBool,
-    /// When a connection to the worker last failed under a socket's own
-    /// stream (private mode), while the link still looked up.
+    /// When a connection under one of the worker's socket streams last
+    /// failed (private mode); cleared when its link is welcomed again.
     failed_at: Mutex<Option<Instant>>,
     /// The worker's log name, from its `Welcome`.
     log: Mutex<String>,
@@ -289,10 +289,18 @@ impl Upstream {
     /// each of its connections to time out.
     fn pick(&self) -> Option<Arc<WorkerLink>> {
         let workers = self.workers();
-        let mut live: Vec<_> = workers.iter().filter(|w| w.live().is_some()).collect();
-        if live.iter().any(|w| w.trusted(self.link_timeout)) {
-            live.retain(|w| w.trusted(self.link_timeout));
-        }
+        // Each worker's doubt is read once: a connection may fail meanwhile.
+        let live: Vec<_> = workers
+            .iter()
+            .filter(|w| w.live().is_some())
+            .map(|w| (w, w.trusted(self.link_timeout)))
+            .collect();
+        let any_trusted = live.iter().any(|(_, trusted)| *trusted);
+        let live: Vec<_> = live
+            .into_iter()
+            .filter(|(_, trusted)| *trusted || !any_trusted)
+            .map(|(w, _)| w)
+            .collect();
         if live.is_empty() {
             return None;
         }
@@ -1002,7 +1010,8 @@ async fn send_open(
 }
 
 /// Whether a stream ended because its connection did (a keepalive ping
-/// unanswered, a reset, a refused connect), not by the worker's choice.
+/// unanswered, a reset, a refused connect), or a worker that is shutting
+/// down refused it; not a stream the worker cut or a socket that left.
 fn connection_failed(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
