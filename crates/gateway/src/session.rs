@@ -52,7 +52,8 @@ pub struct Timing {
 ///
 /// An `async` block rather than an `async fn`: the function's arguments
 /// would be copied into the future's locals and take their room twice, and
-/// this future is most of what an idle socket costs.
+/// this future is most of what an idle socket costs. For the same reason
+/// the rare awaits are boxed: a frame to the worker, a fetch, the close.
 #[allow(
     clippy::manual_async_fn,
     reason = "an async fn would copy its arguments into the future"
@@ -86,39 +87,30 @@ pub fn run(
         let close: Option<Kill> = loop {
             let throttle = limit.wait_until();
             let mut batch = Vec::new();
-            // What woke the session, handled below. A task is as big as its
-            // biggest state for its whole life, so the rare awaits there are
-            // boxed: a frame to the worker, a fetch, the close.
-            let woke = tokio::select! {
-                _ = &mut drained => Woke::Drained,
-                next = queue.next(&mut batch, WRITE_BATCH) => Woke::Queue(next),
-                _ = tokio::time::sleep_until(next_check) => Woke::Check,
-                _ = tokio::time::sleep_until(throttle.unwrap_or_else(Instant::now)), if throttle.is_some() => Woke::Throttled,
-                msg = reader.next(), if throttle.is_none() => Woke::Client(msg),
-            };
-            match woke {
-                Woke::Drained => break Some(CloseReason::GoingAway.into()),
-                Woke::Queue(Err(kill)) => break Some(kill),
-                // Behind, and all written: fetch what was missed. Boxed, like
-                // every rare await here, to keep the idle state small.
-                Woke::Queue(Ok(Next::Fetch(after))) => {
-                    counters.fetch();
-                    Box::pin(upstream.fetch(&socket, after)).await
-                }
-                Woke::Queue(Ok(Next::Frames)) => {
-                    // A write to a slow client may block; it must not keep the
-                    // socket from being killed or drained.
-                    tokio::select! {
-                        written = tokio::time::timeout(stall, writer.text(&batch)) => match written {
-                            Ok(Ok(())) => counters.written(&batch),
-                            Ok(Err(_)) => break None,
-                            Err(_) => break Some(CloseReason::TooSlow.into()),
-                        },
-                        kill = queue.killed() => break Some(kill),
-                        _ = &mut drained => break Some(CloseReason::GoingAway.into()),
+            tokio::select! {
+                _ = &mut drained => break Some(CloseReason::GoingAway.into()),
+                next = queue.next(&mut batch, WRITE_BATCH) => match next {
+                    Err(kill) => break Some(kill),
+                    // Behind, and all written: fetch what was missed.
+                    Ok(Next::Fetch(after)) => {
+                        counters.fetch();
+                        Box::pin(upstream.fetch(&socket, after)).await
                     }
-                }
-                Woke::Check => {
+                    Ok(Next::Frames) => {
+                        // A write to a slow client may block; it must not keep the
+                        // socket from being killed or drained.
+                        tokio::select! {
+                            written = tokio::time::timeout(stall, writer.text(&batch)) => match written {
+                                Ok(Ok(())) => counters.written(&batch),
+                                Ok(Err(_)) => break None,
+                                Err(_) => break Some(CloseReason::TooSlow.into()),
+                            },
+                            kill = queue.killed() => break Some(kill),
+                            _ = &mut drained => break Some(CloseReason::GoingAway.into()),
+                        }
+                    }
+                },
+                _ = tokio::time::sleep_until(next_check) => {
                     let now = Instant::now();
                     next_check = now + check_every;
                     // Bytes came in since the last whole frame and no frame
@@ -148,8 +140,8 @@ pub fn run(
                         }
                     }
                 }
-                Woke::Throttled => {}
-                Woke::Client(msg) => {
+                _ = tokio::time::sleep_until(throttle.unwrap_or_else(Instant::now)), if throttle.is_some() => {}
+                msg = reader.next(), if throttle.is_none() => {
                     if let Some(Ok(_)) = &msg {
                         // Anything whole from the client: it is alive, and no
                         // frame is half-sent.
@@ -159,54 +151,51 @@ pub fn run(
                         partial_since = None;
                     }
                     match msg {
-                        Some(Ok(Message::Text(text))) => {
-                            limit.take();
-                            counters.frame_in();
-                            // Waits only while this client has too many frames in
-                            // flight (its worker is away or slow): it is read no
-                            // faster, and nobody else waits.
-                            tokio::select! {
-                                _ = Box::pin(upstream.send_frame(&socket, text.into())) => {}
-                                kill = queue.killed() => break Some(kill),
-                                _ = &mut drained => break Some(CloseReason::GoingAway.into()),
-                            }
+                    Some(Ok(Message::Text(text))) => {
+                        limit.take();
+                        counters.frame_in();
+                        // Waits only while this client has too many frames in
+                        // flight (its worker is away or slow): it is read no
+                        // faster, and nobody else waits.
+                        tokio::select! {
+                            _ = Box::pin(upstream.send_frame(&socket, text.into())) => {}
+                            kill = queue.killed() => break Some(kill),
+                            _ = &mut drained => break Some(CloseReason::GoingAway.into()),
                         }
-                        Some(Ok(Message::Binary(_))) => break Some(CloseReason::Binary.into()),
-                        Some(Ok(Message::Ping(payload))) => {
-                            // Pings count against the rate limit, and the pong, like
-                            // any write, must not keep the socket from being killed:
-                            // a client that pings and never reads fills its window.
-                            limit.take();
-                            tokio::select! {
-                                written = tokio::time::timeout(stall, writer.pong(&payload)) => match written {
-                                    Ok(Ok(())) => {}
-                                    Ok(Err(_)) => break None,
-                                    Err(_) => break Some(CloseReason::TooSlow.into()),
-                                },
-                                kill = queue.killed() => break Some(kill),
-                                _ = &mut drained => break Some(CloseReason::GoingAway.into()),
-                            }
-                        }
-                        Some(Ok(Message::Pong(_))) => limit.take(),
-                        Some(Ok(Message::Frame(_))) => {}
-                        // Echo the client's close, as RFC 6455 asks.
-                        Some(Ok(Message::Close(frame))) => {
-                            let code = frame.map_or(1000, |f| u16::from(f.code));
-                            break Some(Kill {
-                                code,
-                                reason: String::new(),
-                            });
-                        }
-                        None => break None,
-                        Some(Err(e)) => match reason_for(&e) {
-                            Some(reason) => break Some(reason.into()),
-                            None => {
-                                debug!(ws_id, error = %e, "socket ended");
-                                break None;
-                            }
-                        },
                     }
+                    Some(Ok(Message::Binary(_))) => break Some(CloseReason::Binary.into()),
+                    Some(Ok(Message::Ping(payload))) => {
+                        // Pings count against the rate limit, and the pong, like
+                        // any write, must not keep the socket from being killed:
+                        // a client that pings and never reads fills its window.
+                        limit.take();
+                        tokio::select! {
+                            written = tokio::time::timeout(stall, writer.pong(&payload)) => match written {
+                                Ok(Ok(())) => {}
+                                Ok(Err(_)) => break None,
+                                Err(_) => break Some(CloseReason::TooSlow.into()),
+                            },
+                            kill = queue.killed() => break Some(kill),
+                            _ = &mut drained => break Some(CloseReason::GoingAway.into()),
+                        }
+                    }
+                    Some(Ok(Message::Pong(_))) => limit.take(),
+                    Some(Ok(Message::Frame(_))) => {}
+                    // Echo the client's close, as RFC 6455 asks.
+                    Some(Ok(Message::Close(frame))) => {
+                        let code = frame.map_or(1000, |f| u16::from(f.code));
+                        break Some(Kill { code, reason: String::new() });
+                    }
+                    None => break None,
+                    Some(Err(e)) => match reason_for(&e) {
+                        Some(reason) => break Some(reason.into()),
+                        None => {
+                            debug!(ws_id, error = %e, "socket ended");
+                            break None;
+                        }
+                    },
                 }
+                },
             }
         };
         crate::metrics::socket_closed(close.as_ref().map(|k| k.code));
@@ -218,17 +207,6 @@ pub fn run(
         Box::pin(upstream.close(&socket)).await;
         debug!(ws_id, "socket closed");
     }
-}
-
-/// What woke a session.
-enum Woke {
-    Drained,
-    Queue(Result<Next, Kill>),
-    /// Time to look at the keepalive and at half-sent frames.
-    Check,
-    /// The rate limit lets the client be read again.
-    Throttled,
-    Client(Option<Result<Message, WsError>>),
 }
 
 /// The close we owe the client for a read error, or `None` when the

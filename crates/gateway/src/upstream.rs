@@ -140,6 +140,11 @@ impl WorkerLink {
         *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     }
 
+    /// Its link came up again: whatever failed before is over.
+    fn trust(&self) {
+        *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// No connection to the worker failed within `within`, or the link came
     /// up since.
     fn trusted(&self, within: Duration) -> bool {
@@ -289,25 +294,17 @@ impl Upstream {
     /// each of its connections to time out.
     fn pick(&self) -> Option<Arc<WorkerLink>> {
         let workers = self.workers();
-        // Each worker's doubt is read once: a connection may fail meanwhile.
-        let live: Vec<_> = workers
-            .iter()
-            .filter(|w| w.live().is_some())
-            .map(|w| (w, w.trusted(self.link_timeout)))
-            .collect();
-        let any_trusted = live.iter().any(|(_, trusted)| *trusted);
-        let live: Vec<_> = live
-            .into_iter()
-            .filter(|(_, trusted)| *trusted || !any_trusted)
-            .map(|(w, _)| w)
-            .collect();
+        let live: Vec<_> = workers.iter().filter(|w| w.live().is_some()).collect();
         if live.is_empty() {
             return None;
         }
         let start = self.next_pick.fetch_add(1, Ordering::Relaxed) % live.len();
         (0..live.len())
             .map(|i| live[(start + i) % live.len()])
-            .min_by_key(|w| w.load.load(Ordering::Relaxed))
+            .min_by_key(|w| {
+                let doubted = !w.trusted(self.link_timeout);
+                (doubted, w.load.load(Ordering::Relaxed))
+            })
             .map(|w| (*w).clone())
     }
 
@@ -790,7 +787,7 @@ impl Upstream {
         }
         *worker.log.lock().unwrap_or_else(|e| e.into_inner()) = log.clone();
         worker.draining.store(false, Ordering::Relaxed);
-        *worker.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        worker.trust();
         let stream = StreamHandle {
             id: self.next_stream.fetch_add(1, Ordering::Relaxed),
             events,
