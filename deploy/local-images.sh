@@ -27,6 +27,8 @@
 #   SHAREDCONN_BASE_IMAGE     base image tag           (default sharedconn/debian-base:bookworm)
 #   DEBIAN_MIRROR             mirror for debootstrap   (default: from /etc/apt/sources.list*)
 #   SHAREDCONN_SKIP_CARGO=1   use target/release/{gateway,worker} as they are
+#   SHAREDCONN_BIN_DIR=DIR    use DIR/{gateway,worker} as they are, no cargo (the
+#                             compose test passes the binaries it was built with)
 #   SHAREDCONN_REBUILD_BASE=1 make the base again even if it exists
 set -euo pipefail
 
@@ -65,7 +67,9 @@ exec 9>"${TMPDIR:-/tmp}/sharedconn-local-images.lock"
 flock -w 1800 9 || die "another local-images.sh held the lock for 30 minutes"
 
 # --- 1. binaries -------------------------------------------------------------
-if [ "${SHAREDCONN_SKIP_CARGO:-0}" = 1 ]; then
+if [ -n "${SHAREDCONN_BIN_DIR:-}" ]; then
+    log "SHAREDCONN_BIN_DIR: using the binaries in $SHAREDCONN_BIN_DIR as they are"
+elif [ "${SHAREDCONN_SKIP_CARGO:-0}" = 1 ]; then
     log "SHAREDCONN_SKIP_CARGO=1: using the release binaries in $TARGET_DIR as they are"
 else
     # Cheap when nothing changed (cargo only checks fingerprints); always run so
@@ -92,13 +96,13 @@ fi
 # The binaries are `gateway` and `worker` in the image whatever cargo names
 # them (`sharedconn-gateway` from the package name, or `gateway`): take the newer.
 release_bin() {
-    local found=""
-    for f in "$TARGET_DIR/release/$1" "$TARGET_DIR/release/sharedconn-$1"; do
+    local found="" dir=${SHAREDCONN_BIN_DIR:-$TARGET_DIR/release}
+    for f in "$dir/$1" "$dir/sharedconn-$1"; do
         if [ -x "$f" ] && { [ -z "$found" ] || [ "$f" -nt "$found" ]; }; then
             found=$f
         fi
     done
-    [ -n "$found" ] || die "no target/release/$1 (or sharedconn-$1): build it with cargo build --release"
+    [ -n "$found" ] || die "no $dir/$1 (or sharedconn-$1): build it with cargo build --release"
     echo "$found"
 }
 GATEWAY_BIN=$(release_bin gateway)

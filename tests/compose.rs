@@ -1,7 +1,10 @@
 //! The docker compose deployment, with real containers.
 //!
 //! Builds the images without a registry (`deploy/local-images.sh`: cached, so
-//! only the first run pays for debootstrap), starts `docker-compose.yml` with
+//! only the first run pays for debootstrap), the runtime image from the
+//! gateway and worker this test run was built with (no second, release
+//! build) and under a tag of its own, `sharedconn:test`, so a user's
+//! `sharedconn:latest` is left as it is; starts `docker-compose.yml` with
 //! two gateways behind HAProxy and two workers sharing one chat through Redis,
 //! and chats through HAProxy's published port:
 //!
@@ -37,8 +40,10 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-/// Building the images: the first run may compile the release binaries and
-/// debootstrap a Debian base on a busy machine.
+mod support;
+
+/// Building the images: the first run may debootstrap a Debian base on a
+/// busy machine.
 const IMAGES_TIMEOUT: Duration = Duration::from_secs(45 * 60);
 /// `up` starts (or recreates) containers; `down` stops them within their grace periods.
 const COMPOSE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -59,6 +64,8 @@ const FAILOVER_ROUNDS: usize = 10;
 const FAILOVER_PAUSE: Duration = Duration::from_millis(50);
 /// The compose files, the second one swapping in the locally built HAProxy and Redis.
 const COMPOSE_FILES: [&str; 2] = ["docker-compose.yml", "deploy/docker-compose.local.yml"];
+/// The gateway/worker image the test builds and runs (`SHAREDCONN_IMAGE`).
+const IMAGE: &str = "sharedconn:test";
 
 #[test]
 fn compose_stack_scales_both_tiers_and_survives_losing_a_worker() {
@@ -67,8 +74,13 @@ fn compose_stack_scales_both_tiers_and_survives_losing_a_worker() {
     require_tool("docker-compose", &["version", "--short"]);
 
     let started = Instant::now();
+    let bins = support::procs::bin("gateway");
+    let bins = bins.parent().expect("binary directory");
     run_ok(
-        Command::new(root.join("deploy/local-images.sh")).current_dir(&root),
+        Command::new(root.join("deploy/local-images.sh"))
+            .current_dir(&root)
+            .env("SHAREDCONN_IMAGE", IMAGE)
+            .env("SHAREDCONN_BIN_DIR", bins),
         IMAGES_TIMEOUT,
     );
     println!("images ready in {:.1?}", started.elapsed());
@@ -809,6 +821,7 @@ impl Stack {
             // Docker picks the host port: no clash with a stack already on 8080.
             .env("SHAREDCONN_HTTP_PORT", "")
             .env("SHAREDCONN_MODE", self.mode)
+            .env("SHAREDCONN_IMAGE", IMAGE)
             .args(["--ansi", "never", "-p", &self.project]);
         // The compose files are given here: a COMPOSE_FILE or profile in the
         // caller's environment must not change the stack under test.

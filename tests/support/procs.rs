@@ -23,6 +23,11 @@ pub fn free_port() -> u16 {
 
 /// The path of one of the workspace's binaries, built (once per test
 /// process, quick when up to date) so a test never runs a stale one.
+///
+/// Built the way the test run builds the workspace (`--workspace --bins
+/// --tests`): the tests' dev-dependencies add features to shared crates, and
+/// a narrower `cargo build` would compile the binaries a second time with
+/// other features, each build undoing the other's.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     let dir = Path::new(env!("CARGO_BIN_EXE_sharedconn"))
@@ -32,17 +37,7 @@ pub fn bin(name: &str) -> PathBuf {
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut command = Command::new(cargo);
-        command.args([
-            "build",
-            "-q",
-            "-p",
-            "sharedconn-worker",
-            "-p",
-            "sharedconn-gateway",
-            "-p",
-            "sharedconn-loadtest",
-            "--bins",
-        ]);
+        command.args(["build", "-q", "--workspace", "--bins", "--tests"]);
         if dir.ends_with("release") {
             command.arg("--release");
         }
