@@ -566,7 +566,9 @@ async fn past_the_open_file_limit_upgrades_get_503_and_health_answers() {
     }
     assert!(started.elapsed() < Duration::from_secs(5));
 
-    // Freed descriptors serve again.
+    // Freed descriptors serve again: first `/healthz`, then upgrades, once
+    // the gateway has seen its sockets' clients go (each session notices
+    // its own close; `/healthz` needs only a free descriptor).
     drop(held);
     drop(sockets);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -574,6 +576,22 @@ async fn past_the_open_file_limit_upgrades_get_503_and_health_answers() {
         assert!(Instant::now() < deadline, "no recovery:\n{}", server.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Client::connect(&url).await;
+    loop {
+        match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(&url))
+            .await
+            .expect("an upgrade hung after the sockets were freed")
+        {
+            Ok(_) => break,
+            Err(tungstenite::Error::Http(response)) if response.status() == 503 => {
+                assert!(
+                    Instant::now() < deadline,
+                    "upgrades refused:\n{}",
+                    server.log()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("upgrade after recovery: {e}\n{}", server.log()),
+        }
+    }
     server.stop().await;
 }
