@@ -22,6 +22,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
+use tokio::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::error::CloseReason;
@@ -85,6 +86,10 @@ pub struct Limits {
     pub bytes: usize,
 }
 
+/// How long a socket waits to fetch again after a fetch that brought
+/// nothing (see `State::retry_at`).
+const FETCH_RETRY: Duration = Duration::from_secs(1);
+
 pub struct SocketQueue {
     state: Mutex<State>,
     ready: Notify,
@@ -102,6 +107,9 @@ struct State {
     behind: bool,
     /// A fetch is on its way; no second one until it is answered.
     fetching: bool,
+    /// The last fetch brought nothing and the socket is still behind (the
+    /// worker could not read its log): the next one waits until then.
+    retry_at: Option<Instant>,
     /// The last state version queued (0: none, or dropped with the queue).
     version: u64,
 }
@@ -203,6 +211,10 @@ impl SocketQueue {
                 if d.complete && result == Push::Queued {
                     st.behind = false;
                 }
+                // Only a log that cannot be read answers with nothing and
+                // more to come: ask again later, not at once and forever.
+                st.retry_at =
+                    (d.texts.is_empty() && !d.complete).then(|| Instant::now() + FETCH_RETRY);
             }
             result
         };
@@ -215,6 +227,8 @@ impl SocketQueue {
     pub fn place(&self) -> Place {
         let mut st = self.state();
         st.fetching = false;
+        // The next worker may read its log: no pause before asking it.
+        st.retry_at = None;
         Place {
             log: st.log.clone(),
             last_id: st.last_id,
@@ -241,6 +255,7 @@ impl SocketQueue {
     /// asks for a fetch, or returns the close order. Cancel-safe: nothing is
     /// taken until it returns.
     pub async fn next(&self, batch: &mut Vec<Utf8Bytes>, max: usize) -> Result<Next, Kill> {
+        let mut retry_at = None;
         loop {
             {
                 let mut st = self.state();
@@ -265,13 +280,27 @@ impl SocketQueue {
                     return Ok(Next::Frames);
                 }
                 if st.behind && !st.fetching {
-                    st.fetching = true;
-                    return Ok(Next::Fetch(st.written_id));
+                    match st.retry_at {
+                        Some(at) if at > Instant::now() => retry_at = Some(at),
+                        _ => {
+                            st.fetching = true;
+                            st.retry_at = None;
+                            return Ok(Next::Fetch(st.written_id));
+                        }
+                    }
                 }
             }
             // `notify_one` stores a permit when nobody waits, so a push
             // between the check above and this await is not missed.
-            self.ready.notified().await;
+            match retry_at.take() {
+                Some(at) => {
+                    tokio::select! {
+                        _ = self.ready.notified() => {}
+                        _ = tokio::time::sleep_until(at) => {}
+                    }
+                }
+                None => self.ready.notified().await,
+            }
         }
     }
 
@@ -373,6 +402,26 @@ mod tests {
         batch.clear();
         q.next(&mut batch, 10).await.unwrap();
         assert_eq!(batch, ["6"].map(Utf8Bytes::from), "live again");
+    }
+
+    /// A fetch the worker could not answer (its log unreadable: nothing, and
+    /// not complete) is asked again after a pause, not at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_fetch_that_brought_nothing_is_retried_after_a_pause() {
+        let q = SocketQueue::new(LIMITS);
+        assert_eq!(chat(&q, &[1, 2, 3], false, false), Push::Behind);
+        let mut batch = Vec::new();
+        assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(0)));
+        chat(&q, &[], true, false);
+        let asked = Instant::now();
+        assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(0)));
+        assert!(asked.elapsed() >= FETCH_RETRY, "asked again at once");
+        // An answer that brings messages is followed at once.
+        chat(&q, &[1], true, false);
+        q.next(&mut batch, 10).await.unwrap();
+        let asked = Instant::now();
+        assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(1)));
+        assert_eq!(asked.elapsed(), Duration::ZERO);
     }
 
     /// A socket starts at its place: it is owed what comes after it, and
