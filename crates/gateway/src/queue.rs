@@ -77,6 +77,9 @@ pub struct Delivery<'a> {
     /// With `log`: where the socket starts in it (see the proto's
     /// `Deliver.place`).
     pub place: u64,
+    /// The worker could not send all the socket is owed: it fetches the
+    /// rest after the last message queued (see the proto's `Deliver.behind`).
+    pub behind: bool,
 }
 
 /// Limits of one queue.
@@ -147,6 +150,7 @@ impl SocketQueue {
             complete: false,
             version: 0,
             place: 0,
+            behind: false,
         })
     }
 
@@ -205,6 +209,13 @@ impl SocketQueue {
             }
             if starts {
                 st.last_id = st.last_id.max(d.place);
+            }
+            if d.behind {
+                // Its log could not be read just now: live messages wait
+                // for the fetch, which starts after a pause.
+                st.behind = true;
+                st.fetching = false;
+                st.retry_at = Some(Instant::now() + FETCH_RETRY);
             }
             if d.fetched {
                 st.fetching = false;
@@ -346,6 +357,7 @@ mod tests {
             complete,
             version: 0,
             place: 0,
+            behind: false,
         })
     }
 
@@ -424,6 +436,39 @@ mod tests {
         assert_eq!(asked.elapsed(), Duration::ZERO);
     }
 
+    /// A worker that could not replay what a re-attached socket is owed says
+    /// so: the socket drops live messages and, after a pause, fetches from
+    /// the last message it has, so it misses none.
+    #[tokio::test(start_paused = true)]
+    async fn a_replay_the_worker_could_not_read_is_fetched_after_a_pause() {
+        let q = SocketQueue::new(Limits {
+            frames: 10,
+            bytes: 1 << 20,
+        });
+        chat(&q, &[1, 2], false, false);
+        let mut batch = Vec::new();
+        q.next(&mut batch, 10).await.unwrap();
+        q.deliver(&Delivery {
+            texts: &[],
+            ids: &[],
+            log: "",
+            fetched: false,
+            complete: false,
+            version: 0,
+            place: 0,
+            behind: true,
+        });
+        // Live messages wait for the fetch.
+        chat(&q, &[5], false, false);
+        let asked = Instant::now();
+        assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(2)));
+        assert!(asked.elapsed() >= FETCH_RETRY);
+        chat(&q, &[3, 4, 5], true, true);
+        batch.clear();
+        q.next(&mut batch, 10).await.unwrap();
+        assert_eq!(batch, ["3", "4", "5"].map(Utf8Bytes::from));
+    }
+
     /// A socket starts at its place: it is owed what comes after it, and
     /// the history shown before it is not what it falls back to.
     #[tokio::test]
@@ -442,6 +487,7 @@ mod tests {
             complete: false,
             version: 0,
             place: 10,
+            behind: false,
         });
         assert_eq!(q.place().last_id, 10);
         // Its queue overflows before anything is written: it fetches from
@@ -461,6 +507,7 @@ mod tests {
             complete: false,
             version: 0,
             place: 3,
+            behind: false,
         });
         assert_eq!(chat(&q, &[5, 6], false, false), Push::Behind);
         assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(3)));

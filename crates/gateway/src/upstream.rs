@@ -476,6 +476,7 @@ impl Upstream {
                     complete: d.complete,
                     version: d.version,
                     place: d.place,
+                    behind: d.behind,
                 };
                 let table = self.table.read().unwrap_or_else(|e| e.into_inner());
                 for ws in &d.ws_ids {

@@ -143,6 +143,9 @@ pub struct Frames {
     /// The version of the last text, when it is the latest state of
     /// something (the online list); see the proto's `Deliver.version`.
     pub version: u64,
+    /// Not all the socket is owed could be read from the log: it fetches
+    /// the rest (see the proto's `Deliver.behind`).
+    pub behind: bool,
 }
 
 impl Frames {

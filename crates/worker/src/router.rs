@@ -294,6 +294,7 @@ impl Router {
                     complete: frames.complete,
                     version: frames.version,
                     place: frames.place,
+                    behind: frames.behind,
                 }),
             );
         }

@@ -214,7 +214,12 @@ impl<B: Backplane> Chat<B> {
                     frames.push(rules::chat_frame(m), m.id);
                 }
             }
-            Err(e) => warn!(error = %e, "cannot read history"),
+            Err(e) => {
+                warn!(error = %e, "cannot read history");
+                // What a socket is owed must not be lost with the read:
+                // it fetches from its last message once the log reads.
+                frames.behind = since.is_some();
+            }
         }
         place
     }
@@ -286,7 +291,7 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
                 frames.push(list, 0);
                 frames.version = version;
             }
-            if !frames.texts.is_empty() {
+            if !frames.texts.is_empty() || frames.behind {
                 out.write_frames(ws, frames);
             }
             return;
@@ -644,6 +649,90 @@ mod tests {
             }
         }
         version
+    }
+
+    /// The embedded log whose reads fail, as a disk that went bad would.
+    struct Unreadable(Embedded);
+
+    impl Backplane for Unreadable {
+        fn gateway_up(&mut self, boot: u64, tag: u32) -> bool {
+            self.0.gateway_up(boot, tag)
+        }
+        fn gateway_down(&mut self, boot: u64) {
+            self.0.gateway_down(boot)
+        }
+        fn set_user(&mut self, user: Presence) -> bool {
+            self.0.set_user(user)
+        }
+        fn remove_user(&mut self, ws: WsId, boot: u64) {
+            self.0.remove_user(ws, boot)
+        }
+        fn users(&self) -> Vec<String> {
+            self.0.users()
+        }
+        fn alias_holder(&self, alias: &str, ws: WsId) -> Option<WsId> {
+            self.0.alias_holder(alias, ws)
+        }
+        fn post(&mut self, message: NewMessage) -> Result<(), Error> {
+            self.0.post(message)
+        }
+        fn history(
+            &mut self,
+            _after: u64,
+            _upto: u64,
+            _limit: usize,
+        ) -> Result<Vec<Arc<backplane::StoredMessage>>, Error> {
+            Err(Error::LogClosed)
+        }
+        fn last_id(&self) -> u64 {
+            self.0.last_id()
+        }
+        fn log_id(&self) -> &str {
+            self.0.log_id()
+        }
+        fn healthy(&self) -> bool {
+            self.0.healthy()
+        }
+        fn next_event(&mut self) -> impl Future<Output = backplane::Event> + Send {
+            self.0.next_event()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replay_the_log_cannot_give_leaves_the_socket_behind_not_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let embedded =
+            Embedded::open(dir.path(), crate::backplane::embedded::Options::new(50)).unwrap();
+        let log = embedded.log_id().to_owned();
+        let mut chat = Chat::new(Unreadable(embedded), 50, Duration::from_millis(100));
+        let mut router = Router::default();
+        let (tx, mut rx) = mpsc::channel(16);
+        let peer = Peer { tag: 0, boot: 1 };
+        router.add_stream(
+            1,
+            peer,
+            tx,
+            Default::default(),
+            tokio::sync::oneshot::channel().0,
+        );
+        router.add_socket(1, 1);
+        let info = OpenInfo {
+            resume: true,
+            log,
+            ..open(1, 1)
+        };
+        chat.on_open(1, info, &mut Outbox::new(&mut router)).await;
+        let behind = std::iter::from_fn(|| rx.try_recv().ok())
+            .any(|c| matches!(c.command, Some(Command::Deliver(d)) if d.behind && d.ws_ids == [1]));
+        assert!(
+            behind,
+            "a re-attached socket whose replay failed is told it is behind"
+        );
+
+        // The history a new socket is shown is a courtesy: nothing is owed.
+        let mut frames = Frames::default();
+        chat.replay(&mut frames, None);
+        assert!(!frames.behind);
     }
 
     #[tokio::test(start_paused = true)]
