@@ -110,8 +110,9 @@ struct State {
     behind: bool,
     /// A fetch is on its way; no second one until it is answered.
     fetching: bool,
-    /// The last fetch brought nothing and the socket is still behind (the
-    /// worker could not read its log): the next one waits until then.
+    /// No fetch before then: the last one brought nothing (the worker could
+    /// not read its log), the worker said it could not replay (`behind`), or
+    /// there was no stream to send it on. A re-attach clears it.
     retry_at: Option<Instant>,
     /// The last state version queued (0: none, or dropped with the queue).
     version: u64,
@@ -214,7 +215,6 @@ impl SocketQueue {
                 // Its log could not be read just now: live messages wait
                 // for the fetch, which starts after a pause.
                 st.behind = true;
-                st.fetching = false;
                 st.retry_at = Some(Instant::now() + FETCH_RETRY);
             }
             if d.fetched {
@@ -315,9 +315,12 @@ impl SocketQueue {
         }
     }
 
-    /// A fetch could not be sent (no worker right now): ask again later.
+    /// A fetch could not be sent (no worker right now): ask again later,
+    /// or at once when the socket is re-attached ([`SocketQueue::wake`]).
     pub fn fetch_failed(&self) {
-        self.state().fetching = false;
+        let mut st = self.state();
+        st.fetching = false;
+        st.retry_at = Some(Instant::now() + FETCH_RETRY);
     }
 
     /// Waits until the socket is ordered closed, taking no frames.
@@ -332,8 +335,10 @@ impl SocketQueue {
         }
     }
 
-    /// Wakes the writer (a fetch may be due again).
+    /// The socket was re-attached: wakes the writer, whose fetch is due
+    /// again at once.
     pub fn wake(&self) {
+        self.state().retry_at = None;
         self.ready.notify_one();
     }
 }
@@ -467,6 +472,40 @@ mod tests {
         batch.clear();
         q.next(&mut batch, 10).await.unwrap();
         assert_eq!(batch, ["3", "4", "5"].map(Utf8Bytes::from));
+
+        // A page reconnecting with what it has, on a log that cannot be
+        // read: it fetches from its place.
+        let q = SocketQueue::new(LIMITS);
+        let status: Vec<Utf8Bytes> = vec!["status".into()];
+        q.deliver(&Delivery {
+            texts: &status,
+            ids: &[0],
+            log: "log",
+            fetched: false,
+            complete: false,
+            version: 0,
+            place: 5,
+            behind: true,
+        });
+        batch.clear();
+        q.next(&mut batch, 10).await.unwrap();
+        assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(5)));
+    }
+
+    /// A fetch with no stream to go on waits, and goes at once on re-attach.
+    #[tokio::test(start_paused = true)]
+    async fn a_fetch_with_no_stream_waits_for_the_re_attach() {
+        let q = SocketQueue::new(LIMITS);
+        assert_eq!(chat(&q, &[1, 2, 3], false, false), Push::Behind);
+        let mut batch = Vec::new();
+        assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(0)));
+        q.fetch_failed();
+        let next = tokio::time::timeout(FETCH_RETRY / 2, q.next(&mut batch, 10)).await;
+        assert!(next.is_err(), "asked again with no stream: {next:?}");
+        q.wake();
+        let asked = Instant::now();
+        assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(0)));
+        assert_eq!(asked.elapsed(), Duration::ZERO);
     }
 
     /// A socket starts at its place: it is owed what comes after it, and
