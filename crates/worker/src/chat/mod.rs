@@ -541,6 +541,12 @@ mod tests {
             50,
             Duration::from_millis(100),
         );
+        let (router, rx) = one_stream();
+        (chat, router, rx)
+    }
+
+    /// A router with one stream (id 1) whose commands the test reads.
+    fn one_stream() -> (Router, mpsc::Receiver<sharedconn_proto::WorkerCommand>) {
         let mut router = Router::default();
         let (tx, rx) = mpsc::channel(1024);
         let peer = Peer { tag: 0, boot: 1 };
@@ -551,7 +557,7 @@ mod tests {
             Default::default(),
             tokio::sync::oneshot::channel().0,
         );
-        (chat, router, rx)
+        (router, rx)
     }
 
     fn userlists(rx: &mut mpsc::Receiver<sharedconn_proto::WorkerCommand>) -> Vec<String> {
@@ -705,16 +711,7 @@ mod tests {
             Embedded::open(dir.path(), crate::backplane::embedded::Options::new(50)).unwrap();
         let log = embedded.log_id().to_owned();
         let mut chat = Chat::new(Unreadable(embedded), 50, Duration::from_millis(100));
-        let mut router = Router::default();
-        let (tx, mut rx) = mpsc::channel(16);
-        let peer = Peer { tag: 0, boot: 1 };
-        router.add_stream(
-            1,
-            peer,
-            tx,
-            Default::default(),
-            tokio::sync::oneshot::channel().0,
-        );
+        let (mut router, mut rx) = one_stream();
         router.add_socket(1, 1);
         let info = OpenInfo {
             resume: true,
