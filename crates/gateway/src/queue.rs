@@ -118,6 +118,13 @@ struct State {
     version: u64,
 }
 
+impl State {
+    /// No fetch for `FETCH_RETRY`.
+    fn pause_fetches(&mut self) {
+        self.retry_at = Some(Instant::now() + FETCH_RETRY);
+    }
+}
+
 /// Where a socket is in the log, for a re-attach.
 #[derive(Debug, Clone, Default)]
 pub struct Place {
@@ -215,7 +222,7 @@ impl SocketQueue {
                 // Its log could not be read just now: live messages wait
                 // for the fetch, which starts after a pause.
                 st.behind = true;
-                st.retry_at = Some(Instant::now() + FETCH_RETRY);
+                st.pause_fetches();
             }
             if d.fetched {
                 st.fetching = false;
@@ -224,8 +231,10 @@ impl SocketQueue {
                 }
                 // Only a log that cannot be read answers with nothing and
                 // more to come: ask again later, not at once and forever.
-                st.retry_at =
-                    (d.texts.is_empty() && !d.complete).then(|| Instant::now() + FETCH_RETRY);
+                st.retry_at = None;
+                if d.texts.is_empty() && !d.complete {
+                    st.pause_fetches();
+                }
             }
             result
         };
@@ -238,8 +247,6 @@ impl SocketQueue {
     pub fn place(&self) -> Place {
         let mut st = self.state();
         st.fetching = false;
-        // The next worker may read its log: no pause before asking it.
-        st.retry_at = None;
         Place {
             log: st.log.clone(),
             last_id: st.last_id,
@@ -320,7 +327,7 @@ impl SocketQueue {
     pub fn fetch_failed(&self) {
         let mut st = self.state();
         st.fetching = false;
-        st.retry_at = Some(Instant::now() + FETCH_RETRY);
+        st.pause_fetches();
     }
 
     /// Waits until the socket is ordered closed, taking no frames.
@@ -351,6 +358,28 @@ mod tests {
         frames: 2,
         bytes: 1 << 20,
     };
+
+    /// Delivers `texts` (message ids `ids`) that start the socket on `log`
+    /// at `place` (`log` empty: no start), flagged `behind` or not.
+    fn start(
+        q: &SocketQueue,
+        texts: &[&str],
+        ids: &[u64],
+        (log, place): (&str, u64),
+        behind: bool,
+    ) -> Push {
+        let texts: Vec<Utf8Bytes> = texts.iter().map(|&t| t.into()).collect();
+        q.deliver(&Delivery {
+            texts: &texts,
+            ids,
+            log,
+            fetched: false,
+            complete: false,
+            version: 0,
+            place,
+            behind,
+        })
+    }
 
     fn chat(q: &SocketQueue, ids: &[u64], fetched: bool, complete: bool) -> Push {
         let texts: Vec<Utf8Bytes> = ids.iter().map(|i| i.to_string().into()).collect();
@@ -421,14 +450,21 @@ mod tests {
         assert_eq!(batch, ["6"].map(Utf8Bytes::from), "live again");
     }
 
-    /// A fetch the worker could not answer (its log unreadable: nothing, and
-    /// not complete) is asked again after a pause, not at once.
-    #[tokio::test(start_paused = true)]
-    async fn a_fetch_that_brought_nothing_is_retried_after_a_pause() {
+    /// A queue that overflowed before writing anything and has asked for
+    /// its first fetch.
+    async fn fetching_from_the_start() -> (SocketQueue, Vec<Utf8Bytes>) {
         let q = SocketQueue::new(LIMITS);
         assert_eq!(chat(&q, &[1, 2, 3], false, false), Push::Behind);
         let mut batch = Vec::new();
         assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(0)));
+        (q, batch)
+    }
+
+    /// A fetch the worker could not answer (its log unreadable: nothing, and
+    /// not complete) is asked again after a pause, not at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_fetch_that_brought_nothing_is_retried_after_a_pause() {
+        let (q, mut batch) = fetching_from_the_start().await;
         chat(&q, &[], true, false);
         let asked = Instant::now();
         assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(0)));
@@ -453,16 +489,7 @@ mod tests {
         chat(&q, &[1, 2], false, false);
         let mut batch = Vec::new();
         q.next(&mut batch, 10).await.unwrap();
-        q.deliver(&Delivery {
-            texts: &[],
-            ids: &[],
-            log: "",
-            fetched: false,
-            complete: false,
-            version: 0,
-            place: 0,
-            behind: true,
-        });
+        start(&q, &[], &[], ("", 0), true);
         // Live messages wait for the fetch.
         chat(&q, &[5], false, false);
         let asked = Instant::now();
@@ -476,17 +503,7 @@ mod tests {
         // A page reconnecting with what it has, on a log that cannot be
         // read: it fetches from its place.
         let q = SocketQueue::new(LIMITS);
-        let status: Vec<Utf8Bytes> = vec!["status".into()];
-        q.deliver(&Delivery {
-            texts: &status,
-            ids: &[0],
-            log: "log",
-            fetched: false,
-            complete: false,
-            version: 0,
-            place: 5,
-            behind: true,
-        });
+        start(&q, &["status"], &[0], ("log", 5), true);
         batch.clear();
         q.next(&mut batch, 10).await.unwrap();
         assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(5)));
@@ -495,10 +512,7 @@ mod tests {
     /// A fetch with no stream to go on waits, and goes at once on re-attach.
     #[tokio::test(start_paused = true)]
     async fn a_fetch_with_no_stream_waits_for_the_re_attach() {
-        let q = SocketQueue::new(LIMITS);
-        assert_eq!(chat(&q, &[1, 2, 3], false, false), Push::Behind);
-        let mut batch = Vec::new();
-        assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(0)));
+        let (q, mut batch) = fetching_from_the_start().await;
         q.fetch_failed();
         let next = tokio::time::timeout(FETCH_RETRY / 2, q.next(&mut batch, 10)).await;
         assert!(next.is_err(), "asked again with no stream: {next:?}");
@@ -517,17 +531,7 @@ mod tests {
             bytes: 1 << 20,
         };
         let q = SocketQueue::new(limits);
-        let texts: Vec<Utf8Bytes> = ["status", "9", "10"].map(Utf8Bytes::from).to_vec();
-        q.deliver(&Delivery {
-            texts: &texts,
-            ids: &[0, 9, 10],
-            log: "log",
-            fetched: false,
-            complete: false,
-            version: 0,
-            place: 10,
-            behind: false,
-        });
+        start(&q, &["status", "9", "10"], &[0, 9, 10], ("log", 10), false);
         assert_eq!(q.place().last_id, 10);
         // Its queue overflows before anything is written: it fetches from
         // its place, not from the start of the log.
@@ -537,17 +541,7 @@ mod tests {
 
         // A page that reconnects with what it has: owed everything after it.
         let q = SocketQueue::new(limits);
-        let texts: Vec<Utf8Bytes> = ["status", "4"].map(Utf8Bytes::from).to_vec();
-        q.deliver(&Delivery {
-            texts: &texts,
-            ids: &[0, 4],
-            log: "log",
-            fetched: false,
-            complete: false,
-            version: 0,
-            place: 3,
-            behind: false,
-        });
+        start(&q, &["status", "4"], &[0, 4], ("log", 3), false);
         assert_eq!(chat(&q, &[5, 6], false, false), Push::Behind);
         assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(3)));
     }
