@@ -90,8 +90,10 @@ pub struct Limits {
 }
 
 /// How long a socket waits to fetch again after a fetch that brought
-/// nothing (see `State::retry_at`).
+/// nothing (see `State::retry_at`), the first time; each pause in a row
+/// doubles it, up to `FETCH_RETRY_MAX`.
 const FETCH_RETRY: Duration = Duration::from_secs(1);
+const FETCH_RETRY_MAX: Duration = Duration::from_secs(8);
 
 pub struct SocketQueue {
     state: Mutex<State>,
@@ -114,14 +116,25 @@ struct State {
     /// not read its log), the worker said it could not replay (`behind`), or
     /// there was no stream to send it on. A re-attach clears it.
     retry_at: Option<Instant>,
+    /// Pauses in a row, with no fetch that brought anything between them.
+    pauses: u8,
     /// The last state version queued (0: none, or dropped with the queue).
     version: u64,
 }
 
 impl State {
-    /// No fetch for `FETCH_RETRY`.
+    /// No fetch for a while: `FETCH_RETRY`, doubled for each pause in a
+    /// row, and stretched by up to as much again at random, so that the
+    /// sockets a re-attach or an unreadable log left behind together do not
+    /// all ask again in the same instant, and a log that stays unreadable is
+    /// asked less and less often.
     fn pause_fetches(&mut self) {
-        self.retry_at = Some(Instant::now() + FETCH_RETRY);
+        let pause = FETCH_RETRY
+            .saturating_mul(1 << self.pauses.min(3))
+            .min(FETCH_RETRY_MAX);
+        self.pauses = self.pauses.saturating_add(1);
+        let stretch = pause.mul_f64(rand::random::<f64>());
+        self.retry_at = Some(Instant::now() + pause + stretch);
     }
 }
 
@@ -234,6 +247,8 @@ impl SocketQueue {
                 st.retry_at = None;
                 if d.texts.is_empty() && !d.complete {
                     st.pause_fetches();
+                } else {
+                    st.pauses = 0;
                 }
             }
             result
@@ -345,7 +360,11 @@ impl SocketQueue {
     /// The socket was re-attached: wakes the writer, whose fetch is due
     /// again at once.
     pub fn wake(&self) {
-        self.state().retry_at = None;
+        {
+            let mut st = self.state();
+            st.retry_at = None;
+            st.pauses = 0;
+        }
         self.ready.notify_one();
     }
 }
@@ -475,6 +494,43 @@ mod tests {
         let asked = Instant::now();
         assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(1)));
         assert_eq!(asked.elapsed(), Duration::ZERO);
+    }
+
+    /// While the log stays unreadable, each pause is longer than the last,
+    /// up to a ceiling, and sockets that failed together do not ask again
+    /// together.
+    #[tokio::test(start_paused = true)]
+    async fn fetches_that_keep_failing_are_asked_less_often_and_not_in_step() {
+        let mut firsts = Vec::new();
+        for _ in 0..8 {
+            let (q, mut batch) = fetching_from_the_start().await;
+            let mut pauses = Vec::new();
+            for _ in 0..6 {
+                chat(&q, &[], true, false);
+                let asked = Instant::now();
+                assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(0)));
+                pauses.push(asked.elapsed());
+            }
+            for (n, pause) in pauses.iter().enumerate() {
+                let least = (FETCH_RETRY * (1 << n.min(3))).min(FETCH_RETRY_MAX);
+                assert!(
+                    *pause >= least && *pause <= least * 2,
+                    "pause {n}: {pause:?}, not within {least:?} and twice that"
+                );
+            }
+            firsts.push(pauses[0]);
+            // One that brings messages starts the count again.
+            chat(&q, &[1], true, false);
+            q.next(&mut batch, 10).await.unwrap();
+            q.next(&mut batch, 10).await.unwrap();
+            chat(&q, &[], true, false);
+            let asked = Instant::now();
+            assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(1)));
+            assert!(asked.elapsed() <= FETCH_RETRY * 2);
+        }
+        firsts.sort();
+        firsts.dedup();
+        assert!(firsts.len() > 1, "eight sockets paused alike: {firsts:?}");
     }
 
     /// A worker that could not replay what a re-attached socket is owed says
