@@ -437,6 +437,9 @@ impl Upstream {
                     command: Some(command),
                 })) => {
                     if matches!(command, Command::Draining(_)) {
+                        // The whole worker is stopping, whichever of its
+                        // streams says so first: no socket goes to it now.
+                        worker.draining.store(true, Ordering::Relaxed);
                         break;
                     }
                     self.on_command(&worker, command);
@@ -769,6 +772,11 @@ impl Upstream {
                     "worker refused the link: another live gateway has this tag; \
                      give each gateway its own --gateway-tag (or none)"
                 );
+                return false;
+            }
+            // It is draining: its sockets are moving away, none come back.
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                debug!(worker = %worker.addr, %status, "link refused");
                 return false;
             }
             _ => {

@@ -40,6 +40,8 @@ const HOLD_LISTS_MAX: Duration = Duration::from_secs(5);
 /// Close code for a socket whose gateway let through more frames than the
 /// worker's limit: 1008, policy violation.
 const TOO_MANY_FRAMES_CODE: u16 = 1008;
+/// Why a draining worker refuses a new stream (gRPC `UNAVAILABLE`).
+pub const DRAINING: &str = "worker is draining";
 /// Close code for a frame over the worker's size limit: 1009, too big.
 const TOO_BIG_CODE: u16 = 1009;
 
@@ -152,6 +154,9 @@ pub struct Runtime<A> {
     /// Each open socket's frame allowance; `None` once it went over and
     /// its close was ordered (frames still on their way are dropped).
     buckets: HashMap<WsId, Option<RateLimit>>,
+    /// Set once the worker asked its gateways to move their sockets: until it
+    /// stops, no new stream is taken (a gateway would move sockets back).
+    draining_until: Option<Instant>,
 }
 
 impl<A: WebSocketApp> Runtime<A> {
@@ -166,6 +171,7 @@ impl<A: WebSocketApp> Runtime<A> {
             health,
             limits,
             buckets: HashMap::new(),
+            draining_until: None,
         };
         (runtime, tx, health_rx)
     }
@@ -178,9 +184,8 @@ impl<A: WebSocketApp> Runtime<A> {
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut draining_until: Option<Instant> = None;
         loop {
-            if let Some(until) = draining_until
+            if let Some(until) = self.draining_until
                 && (self.router.stream_count() == 0 || Instant::now() >= until)
             {
                 break;
@@ -210,14 +215,14 @@ impl<A: WebSocketApp> Runtime<A> {
                     streams = self.router.stream_count(),
                     "worker status"
                 ),
-                _ = &mut stop, if draining_until.is_none() => {
+                _ = &mut stop, if self.draining_until.is_none() => {
                     info!(
                         streams = self.router.stream_count(),
                         sockets = self.router.socket_count(),
                         "asking gateways to move their sockets"
                     );
                     self.router.drain();
-                    draining_until = Some(Instant::now() + grace);
+                    self.draining_until = Some(Instant::now() + grace);
                 }
             }
             self.router.flush_acks();
@@ -266,6 +271,10 @@ impl<A: WebSocketApp> Runtime<A> {
                 backlog,
                 cut,
             } => {
+                if self.draining_until.is_some() {
+                    let _ = cut.send(tonic::Status::unavailable(DRAINING));
+                    return;
+                }
                 if self.router.tag_held_by_another(peer.tag, peer.boot) {
                     warn!(
                         gateway_tag = format!("{:08x}", peer.tag),
@@ -442,5 +451,80 @@ impl<A: WebSocketApp> Runtime<A> {
         if self.resuming.remove(&stream).is_some() {
             self.app.hold_lists(!self.resuming.is_empty());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sharedconn_proto::worker_command::Command;
+
+    use super::*;
+    use crate::backplane::embedded::{Embedded, Options};
+    use crate::chat::Chat;
+
+    /// A gateway's stream going up: what the runtime will send on it, and
+    /// the status it is cut with, if it is.
+    fn stream_up(
+        stream: StreamId,
+    ) -> (
+        Input,
+        mpsc::Receiver<sharedconn_proto::WorkerCommand>,
+        oneshot::Receiver<tonic::Status>,
+    ) {
+        let (tx, rx) = mpsc::channel(16);
+        let (cut, cut_rx) = oneshot::channel();
+        let input = Input::StreamUp {
+            stream,
+            peer: Peer { tag: 7, boot: 1 },
+            resuming: false,
+            tx,
+            backlog: Arc::new(crate::router::Backlog::new(1 << 20)),
+            cut,
+        };
+        (input, rx, cut_rx)
+    }
+
+    /// Once it has asked its gateways to move their sockets, a worker takes
+    /// no new stream: a gateway re-linking would see it live and move
+    /// sockets back to it, only to move them again when it exits.
+    #[tokio::test]
+    async fn a_draining_worker_takes_no_new_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = Chat::new(
+            Embedded::open(dir.path(), Options::new(50)).unwrap(),
+            50,
+            Duration::from_millis(100),
+        );
+        let (runtime, inbox, _health) = Runtime::new(app, Limits::default());
+        let (stop, stop_rx) = oneshot::channel();
+        let running = tokio::spawn(runtime.run(stop_rx, Duration::from_secs(60)));
+
+        let (up, mut first, _first_cut) = stream_up(1);
+        inbox.send(up).await.unwrap();
+        let welcome = first.recv().await.unwrap().command;
+        assert!(matches!(welcome, Some(Command::Welcome(_))), "{welcome:?}");
+        stop.send(()).unwrap();
+        let draining = first.recv().await.unwrap().command;
+        assert!(
+            matches!(draining, Some(Command::Draining(_))),
+            "{draining:?}"
+        );
+
+        let (up, mut second, cut) = stream_up(2);
+        inbox.send(up).await.unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(5), cut)
+            .await
+            .expect("the new stream is cut at once, not left open")
+            .expect("the new stream is cut");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(status.message(), DRAINING);
+        assert!(second.try_recv().is_err(), "nothing sent on the new stream");
+
+        // The first stream ending is the last: the worker stops.
+        inbox.send(Input::StreamDown { stream: 1 }).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), running)
+            .await
+            .expect("the runtime stops once its streams are gone")
+            .unwrap();
     }
 }
