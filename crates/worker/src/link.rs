@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::app::OpenInfo;
 use crate::router::{Backlog, MAX_QUEUED_BYTES_PRIVATE, MAX_QUEUED_BYTES_SHARED, Peer, StreamId};
@@ -116,16 +116,15 @@ impl Worker for LinkService {
         {
             return Err(Status::unavailable("worker is shutting down"));
         }
-        if mode != Mode::Private {
-            info!(
-                stream,
-                gateway_tag = format!("{:08x}", hello.gateway_tag),
-                boot_id = format!("{:016x}", hello.boot_id),
-                ?mode,
-                resuming = hello.resuming,
-                "gateway linked"
-            );
-        }
+        // Logged as linked by the runtime, once it takes the stream (it
+        // refuses one while draining, or when another gateway holds the tag).
+        debug!(
+            stream,
+            gateway_tag = format!("{:08x}", hello.gateway_tag),
+            ?mode,
+            resuming = hello.resuming,
+            "link stream opened"
+        );
         tokio::spawn(forward(stream, peer, events, self.inbox.clone()));
         Ok(Response::new(Box::pin(Commands {
             queue: ReceiverStream::new(rx),

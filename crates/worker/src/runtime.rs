@@ -292,6 +292,13 @@ impl<A: WebSocketApp> Runtime<A> {
                 self.router.add_stream(stream, peer, tx, backlog, cut);
                 self.router.welcome(stream, self.app.log_id());
                 if first {
+                    info!(
+                        stream,
+                        gateway_tag = format!("{:08x}", peer.tag),
+                        boot_id = format!("{:016x}", peer.boot),
+                        resuming,
+                        "gateway linked"
+                    );
                     self.app.gateway_up(peer.boot, peer.tag);
                 }
                 if resuming {
