@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -120,8 +120,11 @@ pub struct WorkerLink {
     private: Vec<Channel>,
     /// The shared (or control) stream, while up and accepted.
     live: RwLock<Option<StreamHandle>>,
-    /// The worker asked for its sockets to move: no new ones.
-    draining: AtomicBool,
+    /// How many times the worker's link was welcomed (upper bits), and
+    /// whether it is draining (low bit: it asked for its sockets to move, so
+    /// no new ones). One word, so that a private stream opened before the
+    /// worker restarted cannot mark the new process draining.
+    state: AtomicU64,
     /// When a connection under one of the worker's socket streams last
     /// failed (private mode); cleared when its link is welcomed again.
     failed_at: Mutex<Option<Instant>>,
@@ -154,8 +157,31 @@ impl WorkerLink {
             .is_none_or(|at| at.elapsed() >= within)
     }
 
+    /// Its link was welcomed: a new process, or the same one again, and
+    /// not draining.
+    fn welcomed(&self) {
+        let _ = self
+            .state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| Some((s | 1) + 1));
+    }
+
+    /// Which welcome of its link the worker is at.
+    fn generation(&self) -> u64 {
+        self.state.load(Ordering::Relaxed) >> 1
+    }
+
+    /// The worker drains, if it is still the process of welcome `generation`.
+    fn drains(&self, generation: u64) {
+        let _ = self.state.compare_exchange(
+            generation << 1,
+            generation << 1 | 1,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
     fn live(&self) -> Option<StreamHandle> {
-        if self.draining.load(Ordering::Relaxed) {
+        if self.state.load(Ordering::Relaxed) & 1 == 1 {
             return None;
         }
         self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -385,6 +411,7 @@ impl Upstream {
         ws_id: u64,
         resuming: bool,
     ) -> Result<StreamHandle, CloseReason> {
+        let generation = worker.generation();
         let (events, rx) = mpsc::channel(PRIVATE_EVENT_QUEUE);
         let _ = events.try_send(self.hello(Mode::Private, resuming));
         let channel = worker.private[(ws_id as usize) % worker.private.len()].clone();
@@ -407,6 +434,7 @@ impl Upstream {
         };
         tokio::spawn(self.clone().pump_private(
             worker.clone(),
+            generation,
             stream.clone(),
             ws_id,
             response.into_inner(),
@@ -420,6 +448,7 @@ impl Upstream {
     async fn pump_private(
         self: Arc<Self>,
         worker: Arc<WorkerLink>,
+        generation: u64,
         stream: StreamHandle,
         ws_id: u64,
         mut commands: tonic::Streaming<WorkerCommand>,
@@ -439,13 +468,18 @@ impl Upstream {
                     if matches!(command, Command::Draining(_)) {
                         // The whole worker is stopping, whichever of its
                         // streams says so first: no socket goes to it now.
-                        worker.draining.store(true, Ordering::Relaxed);
+                        worker.drains(generation);
                         break;
                     }
                     self.on_command(&worker, command);
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => break,
+                Err(status) if is_draining(&status) => {
+                    // Opened as the worker began to drain, and cut.
+                    worker.drains(generation);
+                    break;
+                }
                 Err(status) => {
                     debug!(stream_id = stream.id, %status, "private stream ended");
                     if connection_failed(&status) {
@@ -691,7 +725,7 @@ impl Upstream {
             channel: endpoint.connect_lazy(),
             private,
             live: RwLock::new(None),
-            draining: AtomicBool::new(false),
+            state: AtomicU64::new(0),
             failed_at: Mutex::new(None),
             log: Mutex::new(String::new()),
             load: Arc::new(AtomicUsize::new(0)),
@@ -775,7 +809,7 @@ impl Upstream {
                 return false;
             }
             // It is draining: its sockets are moving away, none come back.
-            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+            Ok(Err(status)) if is_draining(&status) => {
                 debug!(worker = %worker.addr, %status, "link refused");
                 return false;
             }
@@ -795,7 +829,8 @@ impl Upstream {
             return false;
         }
         *worker.log.lock().unwrap_or_else(|e| e.into_inner()) = log.clone();
-        worker.draining.store(false, Ordering::Relaxed);
+        worker.welcomed();
+        let generation = worker.generation();
         worker.trust();
         let stream = StreamHandle {
             id: self.next_stream.fetch_add(1, Ordering::Relaxed),
@@ -813,7 +848,7 @@ impl Upstream {
                     command: Some(Command::Draining(_)),
                 })) => {
                     info!(worker = %worker.addr, "worker draining, moving its sockets");
-                    worker.draining.store(true, Ordering::Relaxed);
+                    worker.drains(generation);
                     break;
                 }
                 Ok(Some(WorkerCommand {
@@ -1015,6 +1050,12 @@ async fn send_open(
     }
 }
 
+/// Whether a draining worker cut the stream (it came up as the drain began).
+fn is_draining(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        && status.message() == sharedconn_proto::DRAINING_STATUS
+}
+
 /// Whether a stream ended because its connection did (a keepalive ping
 /// unanswered, a reset, a refused connect), or a worker that is shutting
 /// down refused it; not a stream the worker cut or a socket that left.
@@ -1098,6 +1139,34 @@ mod tests {
         // The doubt lasts a link timeout.
         assert!(!links[0].trusted(config.link_timeout));
         assert!(links[0].trusted(Duration::ZERO));
+        stop.cancel();
+    }
+
+    /// A drain heard on a stream opened before the worker restarted says
+    /// nothing of the new process: it stays live. One heard from the current
+    /// process takes it out of the pick until its link is welcomed again.
+    #[tokio::test]
+    async fn a_drain_from_before_a_restart_leaves_the_new_process_live() {
+        let config = Config::new(Vec::new());
+        let stop = CancellationToken::new();
+        let upstream = Upstream::start(&config, 1, stop.clone()).unwrap();
+        let links = two_linked_workers(&upstream);
+        let worker = &links[0];
+
+        worker.welcomed();
+        let before_restart = worker.generation();
+        worker.welcomed();
+        worker.drains(before_restart);
+        assert!(
+            worker.live().is_some(),
+            "a stale drain marked the new process"
+        );
+
+        worker.drains(worker.generation());
+        assert!(worker.live().is_none());
+        assert!(upstream.pick().is_some_and(|w| Arc::ptr_eq(&w, &links[1])));
+        worker.welcomed();
+        assert!(worker.live().is_some(), "welcomed again, not draining");
         stop.cancel();
     }
 }

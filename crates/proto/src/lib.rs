@@ -54,6 +54,11 @@ pub fn ws_id(gateway_tag: u32, counter: u32) -> u64 {
     (u64::from(gateway_tag) << 32) | u64::from(counter)
 }
 
+/// The message of the `UNAVAILABLE` status with which a draining worker
+/// cuts a stream that comes up: the gateway reads it as "this worker is
+/// stopping", not as a failed connection.
+pub const DRAINING_STATUS: &str = "worker is draining";
+
 /// The WebSocket ID as clients see it, e.g. `"1f3a09c2-17"`.
 pub fn ws_id_string(ws_id: u64) -> String {
     format!("{:08x}-{}", ws_id >> 32, ws_id & 0xffff_ffff)

@@ -40,8 +40,6 @@ const HOLD_LISTS_MAX: Duration = Duration::from_secs(5);
 /// Close code for a socket whose gateway let through more frames than the
 /// worker's limit: 1008, policy violation.
 const TOO_MANY_FRAMES_CODE: u16 = 1008;
-/// Why a draining worker refuses a new stream (gRPC `UNAVAILABLE`).
-pub const DRAINING: &str = "worker is draining";
 /// Close code for a frame over the worker's size limit: 1009, too big.
 const TOO_BIG_CODE: u16 = 1009;
 
@@ -248,6 +246,12 @@ impl<A: WebSocketApp> Runtime<A> {
     /// Answers an open we cannot take (its ID is in use, or not its
     /// gateway's), so the socket is closed instead of left without a Status.
     fn refuse(&mut self, stream: StreamId, ws: WsId) {
+        if self.router.peer(stream).is_none() {
+            // Its stream was cut (the worker drains) or is gone: nothing to
+            // answer on, and nothing wrong with the open.
+            debug!(stream, ws_id = ws, "open on a stream not taken");
+            return;
+        }
         warn!(
             stream,
             ws_id = ws,
@@ -272,7 +276,9 @@ impl<A: WebSocketApp> Runtime<A> {
                 cut,
             } => {
                 if self.draining_until.is_some() {
-                    let _ = cut.send(tonic::Status::unavailable(DRAINING));
+                    let _ = cut.send(tonic::Status::unavailable(
+                        sharedconn_proto::DRAINING_STATUS,
+                    ));
                     return;
                 }
                 if self.router.tag_held_by_another(peer.tag, peer.boot) {
@@ -524,7 +530,7 @@ mod tests {
             .expect("the new stream is cut at once, not left open")
             .expect("the new stream is cut");
         assert_eq!(status.code(), tonic::Code::Unavailable);
-        assert_eq!(status.message(), DRAINING);
+        assert_eq!(status.message(), sharedconn_proto::DRAINING_STATUS);
         assert!(second.try_recv().is_err(), "nothing sent on the new stream");
 
         // The first stream ending is the last: the worker stops.
