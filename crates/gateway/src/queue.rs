@@ -136,6 +136,12 @@ impl State {
         let stretch = pause.mul_f64(rand::random::<f64>());
         self.retry_at = Some(Instant::now() + pause + stretch);
     }
+
+    /// A fetch may go at once again, and the next pause is the first.
+    fn resume_fetches(&mut self) {
+        self.retry_at = None;
+        self.pauses = 0;
+    }
 }
 
 /// Where a socket is in the log, for a re-attach.
@@ -244,11 +250,10 @@ impl SocketQueue {
                 }
                 // Only a log that cannot be read answers with nothing and
                 // more to come: ask again later, not at once and forever.
-                st.retry_at = None;
                 if d.texts.is_empty() && !d.complete {
                     st.pause_fetches();
                 } else {
-                    st.pauses = 0;
+                    st.resume_fetches();
                 }
             }
             result
@@ -360,11 +365,7 @@ impl SocketQueue {
     /// The socket was re-attached: wakes the writer, whose fetch is due
     /// again at once.
     pub fn wake(&self) {
-        {
-            let mut st = self.state();
-            st.retry_at = None;
-            st.pauses = 0;
-        }
+        self.state().resume_fetches();
         self.ready.notify_one();
     }
 }

@@ -158,11 +158,13 @@ impl WorkerLink {
     }
 
     /// Its link was welcomed: a new process, or the same one again, and
-    /// not draining.
-    fn welcomed(&self) {
-        let _ = self
+    /// not draining. Returns the new generation.
+    fn welcomed(&self) -> u64 {
+        let before = self
             .state
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| Some((s | 1) + 1));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| Some((s | 1) + 1))
+            .unwrap_or_else(|s| s);
+        ((before | 1) + 1) >> 1
     }
 
     /// Which welcome of its link the worker is at.
@@ -180,8 +182,12 @@ impl WorkerLink {
         );
     }
 
+    fn draining(&self) -> bool {
+        self.state.load(Ordering::Relaxed) & 1 == 1
+    }
+
     fn live(&self) -> Option<StreamHandle> {
-        if self.state.load(Ordering::Relaxed) & 1 == 1 {
+        if self.draining() {
             return None;
         }
         self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -829,8 +835,7 @@ impl Upstream {
             return false;
         }
         *worker.log.lock().unwrap_or_else(|e| e.into_inner()) = log.clone();
-        worker.welcomed();
-        let generation = worker.generation();
+        let generation = worker.welcomed();
         worker.trust();
         let stream = StreamHandle {
             id: self.next_stream.fetch_add(1, Ordering::Relaxed),
