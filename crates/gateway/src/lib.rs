@@ -15,7 +15,8 @@
 //! - [`session`]: one socket's state machine, rate limit, close codes.
 //! - [`frames`]: reading through tungstenite, writing frames without copies.
 //! - [`upstream`]: the links to workers, finding them, re-attaching sockets
-//!   when a worker dies or drains.
+//!   when a worker dies or drains; [`liveness`]: telling a silent worker
+//!   from a busy gateway.
 //! - [`socket`]: what the gateway keeps per socket so any worker can serve
 //!   it (parked state, unacknowledged frames).
 //! - [`queue`]: a socket's outbound queue, bounded in frames and bytes, its
@@ -35,6 +36,7 @@ pub mod frames;
 pub mod handshake;
 pub mod http;
 pub mod io;
+pub mod liveness;
 pub mod metrics;
 pub mod origin;
 pub mod queue;

@@ -26,6 +26,7 @@ pub const WORKER_LINKED: &str = "sharedconn_gateway_worker_linked";
 pub const SOCKETS_REATTACHED: &str = "sharedconn_gateway_sockets_reattached_total";
 pub const SOCKETS_WAITING: &str = "sharedconn_gateway_sockets_waiting";
 pub const LINK_QUEUE_DEPTH: &str = "sharedconn_gateway_link_queue_depth";
+pub const LINK_READS_BEHIND: &str = "sharedconn_gateway_link_reads_behind_total";
 
 /// Registers the help text of every gateway metric, and the unlabelled ones
 /// at zero so that a chart shows 0 rather than nothing (once the recorder is
@@ -42,6 +43,7 @@ pub fn describe() {
         SOCKET_OVERFLOWS,
         FETCHES,
         SOCKETS_REATTACHED,
+        LINK_READS_BEHIND,
     ] {
         counter!(name).increment(0);
     }
@@ -83,6 +85,10 @@ pub fn describe() {
     describe_gauge!(
         SOCKETS_WAITING,
         "sockets with no worker, waiting to be re-attached"
+    );
+    describe_counter!(
+        LINK_READS_BEHIND,
+        "times a worker's data waited unread past the link timeout: the gateway was too busy to read, the worker was live (not cut)"
     );
     describe_gauge!(
         LINK_QUEUE_DEPTH,
@@ -148,6 +154,11 @@ pub fn worker_linked(worker: SocketAddr, up: bool) {
     if !up {
         gauge!(LINK_QUEUE_DEPTH, "worker" => worker).set(0.0);
     }
+}
+
+/// A connection to a worker had data waiting unread past the link timeout.
+pub fn link_read_behind() {
+    counter!(LINK_READS_BEHIND).increment(1);
 }
 
 /// Sockets re-attached in one round of the mover.

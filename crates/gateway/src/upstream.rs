@@ -39,6 +39,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, Mode};
 use crate::error::{CloseReason, Error};
+use crate::liveness::Watchdog;
 use crate::queue::{Delivery, Kill, Limits};
 use crate::socket::{Finish, Resume, Route, Socket, StreamHandle};
 
@@ -84,21 +85,25 @@ const RESOLVE_EVERY: Duration = Duration::from_secs(2);
 /// How long a worker may take to answer `Hello` with `Welcome`.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The HTTP/2 keepalive that finds a hung worker (SIGSTOP) or a cut link
-/// within `link_timeout`: how long a connection may read nothing before it
-/// is pinged, and how long the ping's answer may take.
+/// How a hung worker (SIGSTOP) or a cut link is found within
+/// `link_timeout`: hyper pings a connection that read nothing for the first
+/// duration, so a live worker always has something to say; the watchdog
+/// ([`crate::liveness`]) ends a connection that heard nothing, read or
+/// waiting to be read, for the second.
 ///
-/// The answer gets most of the time because it arrives behind whatever the
-/// connection has in flight, and a busy worker is slow, not dead: declaring
-/// it dead moves every socket it serves. The ping goes out soon (it costs
-/// 17 bytes, and only on a connection that read nothing meanwhile), and the
-/// two add up to 90% of the timeout: the rest is room for a busy gateway to
-/// notice the deadline and act on it. (At an eighth and seven eighths, the
-/// sum was the whole timeout and a loaded gateway found hangs up to 81 ms
-/// past it.)
+/// The silence bound and the watchdog's look (a twentieth of it) add up to
+/// under 90% of the timeout; the rest is room for the gateway to act.
+/// Waiting data counts as heard, so a busy gateway that has not read its
+/// worker's answer no longer takes the worker for dead, as hyper's own
+/// timeout did (it looks at the clock before it reads).
 fn keepalive(link_timeout: Duration) -> (Duration, Duration) {
-    let ping_every = link_timeout / 40;
-    (ping_every, link_timeout * 7 / 8)
+    (link_timeout / 40, link_timeout * 17 / 20)
+}
+
+/// hyper's own keepalive timeout, a backstop only: the watchdog acts long
+/// before, and hyper's rule misreads a busy gateway as a dead worker.
+fn keepalive_backstop(link_timeout: Duration) -> Duration {
+    link_timeout * 10
 }
 
 /// A worker address as configured, split for resolving.
@@ -205,6 +210,8 @@ pub struct Upstream {
     link_timeout: Duration,
     reattach_grace: Duration,
     targets: Vec<Target>,
+    /// Watches every connection to a worker for silence.
+    watchdog: Watchdog,
     table: RwLock<HashMap<u64, Arc<Socket>>>,
     workers: RwLock<Vec<Arc<WorkerLink>>>,
     next_stream: AtomicU64,
@@ -257,6 +264,7 @@ impl Upstream {
             link_timeout: config.link_timeout,
             reattach_grace: config.reattach_grace,
             targets,
+            watchdog: Watchdog::start(keepalive(config.link_timeout).1)?,
             table: RwLock::new(HashMap::new()),
             workers: RwLock::new(Vec::new()),
             next_stream: AtomicU64::new(1),
@@ -700,13 +708,11 @@ impl Upstream {
 
     fn new_link(&self, addr: SocketAddr, target: usize) -> Result<Arc<WorkerLink>, Error> {
         let url = format!("http://{addr}");
-        let (ping_every, answer_within) = keepalive(self.link_timeout);
+        let (ping_every, _) = keepalive(self.link_timeout);
         let endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| Error::WorkerAddress(url.clone(), e.to_string()))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2))
             .http2_keep_alive_interval(ping_every)
-            .keep_alive_timeout(answer_within)
+            .keep_alive_timeout(keepalive_backstop(self.link_timeout))
             .keep_alive_while_idle(true)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -721,14 +727,14 @@ impl Upstream {
                     .initial_stream_window_size(PRIVATE_STREAM_WINDOW)
                     .initial_connection_window_size(PRIVATE_CONNECTION_WINDOW);
                 (0..PRIVATE_CONNECTIONS)
-                    .map(|_| endpoint.connect_lazy())
+                    .map(|_| endpoint.connect_with_connector_lazy(self.watchdog.connector(addr)))
                     .collect()
             }
         };
         Ok(Arc::new(WorkerLink {
             addr,
             target,
-            channel: endpoint.connect_lazy(),
+            channel: endpoint.connect_with_connector_lazy(self.watchdog.connector(addr)),
             private,
             live: RwLock::new(None),
             state: AtomicU64::new(0),
@@ -1096,10 +1102,14 @@ mod tests {
     fn a_hang_is_found_within_the_link_timeout_with_room_to_spare() {
         for ms in [200, 2_000, 30_000] {
             let timeout = Duration::from_millis(ms);
-            let (ping_every, answer_within) = keepalive(timeout);
+            let (ping_every, silence) = keepalive(timeout);
             assert!(!ping_every.is_zero());
-            assert!(ping_every + answer_within <= timeout * 9 / 10, "{ms} ms");
-            assert!(answer_within >= timeout * 3 / 4, "{ms} ms");
+            // The watchdog looks every twentieth of the silence bound.
+            assert!(silence + silence / 20 <= timeout * 9 / 10, "{ms} ms");
+            assert!(silence >= timeout * 3 / 4, "{ms} ms");
+            // A live worker is asked many times before it could look silent.
+            assert!(ping_every * 10 <= silence, "{ms} ms");
+            assert!(keepalive_backstop(timeout) >= timeout * 5, "{ms} ms");
         }
     }
 
