@@ -21,6 +21,7 @@
 //! - [`router`]: WebSocket ID → stream, and the per-stream send queues.
 //! - [`link`]: the gRPC service; protobuf stays at this edge.
 //! - [`runtime`]: the single task that drives the application.
+//! - [`server`]: the gRPC server, its connections on a thread of their own.
 //! - [`metrics`]: what is recorded for Prometheus; [`admin`]: the optional
 //!   HTTP listener serving it and `/healthz`.
 
@@ -34,6 +35,7 @@ pub mod link;
 pub mod metrics;
 pub mod router;
 pub mod runtime;
+pub mod server;
 
 use std::future::Future;
 
@@ -139,28 +141,27 @@ async fn serve<B: backplane::Backplane>(
 
     info!(%addr, "worker listening");
     let service = link::service(inbox, config.link_token.clone());
-    let result = tonic::transport::Server::builder()
+    let routes = tonic::service::Routes::new(health_service).add_service(service);
+    let settings = server::Settings {
         // Private mode opens one stream per browser socket on one connection.
-        .max_concurrent_streams(Some(link::MAX_STREAMS_PER_CONNECTION))
+        max_concurrent_streams: link::MAX_STREAMS_PER_CONNECTION,
         // Private mode: thousands of sockets closing at once reset as many
         // streams. h2's defaults (20 pending, 1024 local) read that as an
         // attack and end the whole connection; these limits are set for
         // one stream per browser socket.
-        .http2_max_pending_accept_reset_streams(Some(link::MAX_RESET_STREAMS))
-        .http2_max_local_error_reset_streams(Some(link::MAX_RESET_STREAMS))
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .add_service(health_service)
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming(listener), async move {
-            shutdown.await;
-            info!("worker draining");
-            // The runtime asks every gateway to move its sockets, waits for
-            // the streams to end (or the grace period), and stops; dropping
-            // its response streams lets the server's graceful shutdown end.
-            let _ = stop_tx.send(());
-            let _ = runtime_done.await;
-        })
-        .await;
+        max_reset_streams: link::MAX_RESET_STREAMS,
+        keepalive_interval: std::time::Duration::from_secs(10),
+    };
+    let result = server::serve(incoming(listener), routes, settings, async move {
+        shutdown.await;
+        info!("worker draining");
+        // The runtime asks every gateway to move its sockets, waits for
+        // the streams to end (or the grace period), and stops; dropping
+        // its response streams lets the connections' graceful shutdown end.
+        let _ = stop_tx.send(());
+        let _ = runtime_done.await;
+    })
+    .await;
     let _ = tokio::task::spawn_blocking(move || runtime.join()).await;
     if let Some(admin) = admin {
         // Waits until its port is free again, for a worker started next.
@@ -168,7 +169,7 @@ async fn serve<B: backplane::Backplane>(
         let _ = admin.await;
     }
     info!("worker stopped");
-    result.map_err(Error::Transport)
+    result
 }
 
 /// Binds the metrics listener, naming the address when that fails.
