@@ -5,18 +5,19 @@
 //! gateway so busy that the connection's task waits its turn for longer than
 //! that (a 10,000-socket private join storm on two cores), the answer was
 //! there, unread in the kernel, and a live worker was declared dead: its
-//! sockets moved, and new ones were refused for want of a worker.
+//! sockets moved, and new ones were refused for want of a worker. The same
+//! busy task may also send its ping late, and a worker that was never asked
+//! has nothing to answer.
 //!
-//! So the gateway keeps hyper's pings, which give a live worker something to
-//! say every few tens of milliseconds, and judges silence itself, on a thread
-//! of its own that no busy runtime delays: a connection is dead when nothing
-//! came from the worker for the silence bound, that is nothing was read *and*
-//! nothing waits in the kernel to be read. The watchdog then shuts the socket
-//! down; hyper reads its end, and every stream on it fails as it would if
-//! the worker's process were gone.
+//! So the gateway keeps hyper's pings, and judges silence itself, on a thread
+//! of its own that no busy runtime delays. A worker is silent when a ping has
+//! gone out on the connection and, for the silence bound, nothing came back:
+//! nothing was read *and* nothing waits in the kernel to be read. The
+//! watchdog then shuts the socket down; hyper reads its end, and every
+//! stream on it fails as it would if the worker's process were gone.
 //!
 //! - [`Connector`] dials a worker for tonic and puts each connection under
-//!   watch ([`Watched`] notes every read);
+//!   watch ([`Watched`] notes every read, and every ping it writes);
 //! - [`Watchdog`] owns the thread that looks at every watched connection.
 
 use std::future::Future;
@@ -57,21 +58,27 @@ struct Watch {
     socket: std::net::TcpStream,
     /// Something was read since the watchdog last looked.
     heard: AtomicBool,
+    /// A ping went out and nothing was read after it. Reads and writes are
+    /// made by one task (the connection's), so the last one wins.
+    asked: AtomicBool,
 }
 
 /// The watchdog's own record of a connection.
 struct Entry {
     watch: Weak<Watch>,
-    last_heard: Instant,
+    /// Since when a ping has waited with nothing read, as far as the
+    /// watchdog has seen (it looks a twentieth of the bound late at most).
+    asked_since: Option<Instant>,
     /// Data waited unread past the bound: the gateway, not the worker, is
     /// behind (logged once per spell).
     behind: bool,
 }
 
 impl Watchdog {
-    /// Starts the thread; a connection that hears nothing for `silence` is
-    /// shut down within `silence` and one look more (`silence / 20`). The
-    /// thread ends once every handle on the watchdog is dropped.
+    /// Starts the thread; a connection that hears nothing for `silence`
+    /// after a ping is shut down within `silence` and two looks more (one
+    /// look is `silence / 20`). The thread ends once every handle on the
+    /// watchdog is dropped.
     pub fn start(silence: Duration) -> io::Result<Self> {
         let inner = Arc::new(Inner {
             silence,
@@ -101,14 +108,19 @@ impl Watchdog {
         let watch = Arc::new(Watch {
             worker,
             socket,
-            heard: AtomicBool::new(true),
+            heard: AtomicBool::new(false),
+            asked: AtomicBool::new(false),
         });
         self.inner
             .fresh
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(Arc::downgrade(&watch));
-        Ok(Watched { io, watch })
+        Ok(Watched {
+            io,
+            watch,
+            frames: FrameWalker::default(),
+        })
     }
 }
 
@@ -123,7 +135,7 @@ fn watch_loop(inner: Weak<Inner>, every: Duration) {
         let fresh = std::mem::take(&mut *inner.fresh.lock().unwrap_or_else(|e| e.into_inner()));
         entries.extend(fresh.into_iter().map(|watch| Entry {
             watch,
-            last_heard: now,
+            asked_since: None,
             behind: false,
         }));
         entries.retain_mut(|entry| look(entry, now, inner.silence));
@@ -135,22 +147,31 @@ fn look(entry: &mut Entry, now: Instant, silence: Duration) -> bool {
     let Some(watch) = entry.watch.upgrade() else {
         return false;
     };
-    if watch.heard.swap(false, Ordering::Relaxed) {
-        entry.last_heard = now;
+    let heard = watch.heard.swap(false, Ordering::Relaxed);
+    if !watch.asked.load(Ordering::Relaxed) {
+        entry.asked_since = None;
         entry.behind = false;
         return true;
     }
-    let silent = now.duration_since(entry.last_heard);
+    // A ping waits. Asked again since the last look, if anything came in.
+    let since = match entry.asked_since {
+        Some(since) if !heard => since,
+        _ => *entry.asked_since.insert(now),
+    };
+    let silent = now.duration_since(since);
     if silent < silence {
         return true;
     }
     match watch.socket.peek(&mut [0u8; 1]) {
-        // The worker spoke; the gateway has not read it yet.
+        // The worker answered; the gateway has not read it yet.
         Ok(n) if n > 0 => {
             if !entry.behind {
                 entry.behind = true;
-                debug!(worker = %watch.worker, silent_ms = silent.as_millis() as u64,
-                    "worker's data waits unread: the gateway is behind, the worker is live");
+                debug!(
+                    worker = %watch.worker,
+                    silent_ms = silent.as_millis() as u64,
+                    "worker's answer waits unread: the gateway is behind, the worker is live"
+                );
                 crate::metrics::link_read_behind();
             }
             true
@@ -161,7 +182,7 @@ fn look(entry: &mut Entry, now: Instant, silence: Duration) -> bool {
             warn!(
                 worker = %watch.worker,
                 silent_ms = silent.as_millis() as u64,
-                "worker sent nothing within the link timeout: closing the connection"
+                "worker did not answer a ping within the link timeout: closing the connection"
             );
             let _ = watch.socket.shutdown(Shutdown::Both);
             false
@@ -170,10 +191,89 @@ fn look(entry: &mut Entry, now: Instant, silence: Duration) -> bool {
     }
 }
 
-/// A connection under watch: every read that brings something is noted.
+/// Walks the HTTP/2 frames a client writes, to see its pings go out.
+///
+/// The bytes written are the client preface and then whole frames, each a
+/// 9-byte header (24-bit length, type, flags, stream) and its payload; a
+/// write may end anywhere in either.
+struct FrameWalker {
+    /// Bytes to pass over before the next frame header.
+    skip: usize,
+    header: [u8; 9],
+    /// Bytes of `header` seen so far.
+    have: usize,
+}
+
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, which opens every client connection.
+const CLIENT_PREFACE_LEN: usize = 24;
+const FRAME_HEADER_LEN: usize = 9;
+const PING: u8 = 0x6;
+const ACK: u8 = 0x1;
+
+impl Default for FrameWalker {
+    fn default() -> Self {
+        FrameWalker {
+            skip: CLIENT_PREFACE_LEN,
+            header: [0; FRAME_HEADER_LEN],
+            have: 0,
+        }
+    }
+}
+
+impl FrameWalker {
+    /// Walks `bytes`, written next; returns whether they held a ping (one
+    /// that asks, not one that answers).
+    fn walk(&mut self, mut bytes: &[u8]) -> bool {
+        let mut ping = false;
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (FRAME_HEADER_LEN - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == FRAME_HEADER_LEN {
+                let [l0, l1, l2, kind, flags, ..] = self.header;
+                ping |= kind == PING && flags & ACK == 0;
+                self.skip = usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2);
+                self.have = 0;
+            }
+        }
+        ping
+    }
+
+    fn walk_vectored(&mut self, bufs: &[io::IoSlice<'_>], mut written: usize) -> bool {
+        let mut ping = false;
+        for buf in bufs {
+            if written == 0 {
+                break;
+            }
+            let n = buf.len().min(written);
+            ping |= self.walk(&buf[..n]);
+            written -= n;
+        }
+        ping
+    }
+}
+
+/// A connection under watch: every read that brings something is noted,
+/// and every ping written.
 pub struct Watched {
     io: TcpStream,
     watch: Arc<Watch>,
+    frames: FrameWalker,
+}
+
+impl Watched {
+    fn wrote(&mut self, ping: bool) {
+        if ping {
+            self.watch.asked.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 impl AsyncRead for Watched {
@@ -186,6 +286,7 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         if buf.filled().len() > before {
+            this.watch.asked.store(false, Ordering::Relaxed);
             this.watch.heard.store(true, Ordering::Relaxed);
         }
         polled
@@ -198,7 +299,13 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            let ping = this.frames.walk(&buf[..n]);
+            this.wrote(ping);
+        }
+        polled
     }
 
     fn poll_write_vectored(
@@ -206,7 +313,13 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            let ping = this.frames.walk_vectored(bufs, n);
+            this.wrote(ping);
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -260,18 +373,42 @@ mod tests {
 
     const SILENCE: Duration = Duration::from_millis(300);
 
-    /// A watched connection to a listener on loopback, and the listener's end.
+    /// An HTTP/2 frame: its header and `payload`.
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut bytes = len.to_be_bytes()[1..].to_vec();
+        bytes.extend([kind, flags, 0, 0, 0, 0]);
+        bytes.extend(payload);
+        bytes
+    }
+
+    fn ping() -> Vec<u8> {
+        frame(PING, 0, &[7; 8])
+    }
+
+    /// A watched connection to a listener on loopback that has written the
+    /// client preface, and the listener's end (which has read it).
     async fn pair(watchdog: &Watchdog) -> (Watched, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut connector = watchdog.connector(addr);
         let (dialled, accepted) =
             tokio::join!(Service::<()>::call(&mut connector, ()), listener.accept());
-        (dialled.unwrap().into_inner(), accepted.unwrap().0)
+        let mut watched = dialled.unwrap().into_inner();
+        let mut worker = accepted.unwrap().0;
+        watched
+            .write_all(&[b'P'; CLIENT_PREFACE_LEN])
+            .await
+            .unwrap();
+        worker
+            .read_exact(&mut [0; CLIENT_PREFACE_LEN])
+            .await
+            .unwrap();
+        (watched, worker)
     }
 
     /// Reads until the connection ends; returns how long that took.
-    async fn time_to_end(mut watched: Watched) -> Duration {
+    async fn time_to_end(watched: &mut Watched) -> Duration {
         let started = Instant::now();
         let mut buf = [0u8; 64];
         while watched.read(&mut buf).await.is_ok_and(|n| n > 0) {}
@@ -279,28 +416,50 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_worker_that_sends_nothing_is_cut_within_the_bound() {
+    async fn a_worker_that_does_not_answer_a_ping_is_cut_within_the_bound() {
         let watchdog = Watchdog::start(SILENCE).unwrap();
-        let (watched, _worker) = pair(&watchdog).await;
-        let took = tokio::time::timeout(SILENCE * 4, time_to_end(watched))
+        let (mut watched, _worker) = pair(&watchdog).await;
+        watched.write_all(&ping()).await.unwrap();
+        let took = tokio::time::timeout(SILENCE * 4, time_to_end(&mut watched))
             .await
             .expect("a silent worker's connection was never closed");
         assert!(took >= SILENCE, "closed after {took:?}, before the bound");
-        // The bound, a look, and room for a loaded test machine.
+        // The bound, two looks, and room for a loaded test machine.
         assert!(took < SILENCE * 2, "closed only after {took:?}");
     }
 
     #[tokio::test]
-    async fn a_worker_that_keeps_talking_is_kept() {
+    async fn a_worker_that_answers_is_kept() {
         let watchdog = Watchdog::start(SILENCE).unwrap();
         let (mut watched, mut worker) = pair(&watchdog).await;
         let mut buf = [0u8; 64];
         for _ in 0..10 {
+            watched.write_all(&ping()).await.unwrap();
+            worker.read_exact(&mut buf[..17]).await.unwrap();
             worker.write_all(b"pong").await.unwrap();
             assert_eq!(watched.read(&mut buf).await.unwrap(), 4);
             tokio::time::sleep(SILENCE / 3).await;
         }
         worker.write_all(b"still here").await.unwrap();
+        assert!(watched.read(&mut buf).await.unwrap() > 0);
+    }
+
+    /// Silence with no question asked is not a hang: the gateway was too
+    /// busy to ping.
+    #[tokio::test]
+    async fn a_worker_never_asked_is_kept() {
+        let watchdog = Watchdog::start(SILENCE).unwrap();
+        let (mut watched, mut worker) = pair(&watchdog).await;
+        // Frames that are not pings, one of them with a ping's type byte in
+        // its payload.
+        watched
+            .write_all(&frame(0x0, 0, &[0, 0, 8, PING, 0, 0, 0, 0, 0]))
+            .await
+            .unwrap();
+        watched.write_all(&frame(PING, ACK, &[1; 8])).await.unwrap();
+        tokio::time::sleep(SILENCE * 3).await;
+        worker.write_all(b"still here").await.unwrap();
+        let mut buf = [0u8; 64];
         assert!(watched.read(&mut buf).await.unwrap() > 0);
     }
 
@@ -310,14 +469,44 @@ mod tests {
     async fn a_worker_whose_answer_waits_unread_is_kept() {
         let watchdog = Watchdog::start(SILENCE).unwrap();
         let (mut watched, mut worker) = pair(&watchdog).await;
+        watched.write_all(&ping()).await.unwrap();
         worker.write_all(b"pong").await.unwrap();
         tokio::time::sleep(SILENCE * 3).await;
         let mut buf = [0u8; 64];
         assert_eq!(watched.read(&mut buf).await.unwrap(), 4);
-        // Once read, silence counts again from there.
-        let took = tokio::time::timeout(SILENCE * 4, time_to_end(watched))
+        // A ping unanswered from here counts from here.
+        watched.write_all(&ping()).await.unwrap();
+        let took = tokio::time::timeout(SILENCE * 4, time_to_end(&mut watched))
             .await
             .expect("the connection was never closed once silent");
-        assert!(took >= SILENCE / 2, "closed after {took:?}");
+        assert!(took >= SILENCE, "closed after {took:?}");
+    }
+
+    #[test]
+    fn pings_are_seen_wherever_the_writes_split_them() {
+        let mut bytes = vec![b'P'; CLIENT_PREFACE_LEN];
+        bytes.extend(frame(0x4, 0, &[0; 12])); // settings
+        bytes.extend(frame(0x0, 0, &[PING; 20])); // data that looks like pings
+        bytes.extend(frame(PING, ACK, &[1; 8])); // an answer to the worker
+        let asks_at = bytes.len();
+        bytes.extend(ping());
+        bytes.extend(frame(0x0, 0, &[PING; 3]));
+        for split in 1..bytes.len() {
+            let mut walker = FrameWalker::default();
+            let first = walker.walk(&bytes[..split]);
+            let second = walker.walk(&bytes[split..]);
+            // The ping counts in the write that completes its header.
+            let header_end = asks_at + FRAME_HEADER_LEN;
+            assert_eq!(first, split >= header_end, "split at {split}");
+            assert_eq!(second, split < header_end, "split at {split}");
+            assert_eq!((walker.skip, walker.have), (0, 0), "split at {split}");
+        }
+        let mut walker = FrameWalker::default();
+        let slices = [
+            io::IoSlice::new(&bytes[..30]),
+            io::IoSlice::new(&bytes[30..]),
+        ];
+        assert!(!walker.walk_vectored(&slices, asks_at));
+        assert!(walker.walk(&bytes[asks_at..]));
     }
 }

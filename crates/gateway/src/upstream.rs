@@ -87,17 +87,18 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How a hung worker (SIGSTOP) or a cut link is found within
 /// `link_timeout`: hyper pings a connection that read nothing for the first
-/// duration, so a live worker always has something to say; the watchdog
-/// ([`crate::liveness`]) ends a connection that heard nothing, read or
-/// waiting to be read, for the second.
+/// duration; the watchdog ([`crate::liveness`]) ends a connection on which
+/// a ping went out and nothing came back, read or waiting to be read, for
+/// the second.
 ///
-/// The silence bound and the watchdog's look (a twentieth of it) add up to
-/// under 90% of the timeout; the rest is room for the gateway to act.
+/// The ping's delay, the silence bound and the watchdog's two looks (a
+/// twentieth of the bound each) add up to under 90% of the timeout; the
+/// rest is room for the gateway to act.
 /// Waiting data counts as heard, so a busy gateway that has not read its
 /// worker's answer no longer takes the worker for dead, as hyper's own
 /// timeout did (it looks at the clock before it reads).
 fn keepalive(link_timeout: Duration) -> (Duration, Duration) {
-    (link_timeout / 40, link_timeout * 17 / 20)
+    (link_timeout / 40, link_timeout * 3 / 4)
 }
 
 /// hyper's own keepalive timeout, a backstop only: the watchdog acts long
@@ -1105,7 +1106,10 @@ mod tests {
             let (ping_every, silence) = keepalive(timeout);
             assert!(!ping_every.is_zero());
             // The watchdog looks every twentieth of the silence bound.
-            assert!(silence + silence / 20 <= timeout * 9 / 10, "{ms} ms");
+            assert!(
+                ping_every + silence + silence / 10 <= timeout * 9 / 10,
+                "{ms} ms"
+            );
             assert!(silence >= timeout * 3 / 4, "{ms} ms");
             // A live worker is asked many times before it could look silent.
             assert!(ping_every * 10 <= silence, "{ms} ms");

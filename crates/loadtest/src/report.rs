@@ -21,6 +21,9 @@ pub struct ConnectReport {
     pub secs: f64,
     pub per_sec: f64,
     pub first_error: Option<String>,
+    /// Failures by what the client saw (its first words; numbers left out).
+    #[serde(default)]
+    pub errors: BTreeMap<String, usize>,
 }
 
 /// Latency percentiles, microseconds.

@@ -144,6 +144,9 @@ pub struct FailoverReport {
     pub cpu: Vec<CpuWindows>,
     pub connect_failed: usize,
     pub first_connect_error: Option<String>,
+    /// Connect failures by kind (see `ConnectReport::errors`).
+    #[serde(default)]
+    pub connect_errors: std::collections::BTreeMap<String, usize>,
 }
 
 /// Every run of one invocation, as written to JSON.
@@ -668,6 +671,7 @@ async fn measure(
         cpu,
         connect_failed: connect.failed,
         first_connect_error: connect.first_error,
+        connect_errors: connect.errors,
     })
 }
 
@@ -918,6 +922,9 @@ pub fn text(r: &FailoverReport) -> String {
             r.connect_failed,
             r.first_connect_error.as_deref().unwrap_or("")
         );
+        for (kind, n) in &r.connect_errors {
+            out += &format!("    {n} x {kind}\n");
+        }
     }
     out
 }

@@ -336,6 +336,12 @@ async fn run_spread(setup: &Setup, args: &IdleArgs) -> anyhow::Result<IdleReport
         per_sec: connects.iter().map(|c| c.connected).sum::<usize>() as f64
             / started.elapsed().as_secs_f64(),
         first_error: connects.iter().find_map(|c| c.first_error.clone()),
+        errors: connects.iter().fold(BTreeMap::new(), |mut all, c| {
+            for (kind, n) in &c.errors {
+                *all.entry(kind.clone()).or_default() += n;
+            }
+            all
+        }),
     };
 
     progress.set_phase("hold", hold.as_millis() as u64);

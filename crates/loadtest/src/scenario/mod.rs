@@ -10,6 +10,7 @@ pub mod idle;
 pub mod join;
 pub mod traffic;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
@@ -117,6 +118,7 @@ pub struct ConnectTally {
     connected: AtomicUsize,
     failed: AtomicUsize,
     first_error: Mutex<Option<String>>,
+    errors: Mutex<BTreeMap<String, usize>>,
     /// Nanoseconds after `started` when the latest client connected.
     last_connected: AtomicU64,
 }
@@ -128,6 +130,7 @@ impl ConnectTally {
             connected: AtomicUsize::new(0),
             failed: AtomicUsize::new(0),
             first_error: Mutex::new(None),
+            errors: Mutex::new(BTreeMap::new()),
             last_connected: AtomicU64::new(0),
         }
     }
@@ -144,9 +147,16 @@ impl ConnectTally {
 
     pub fn fail(&self, error: &anyhow::Error) {
         self.failed.fetch_add(1, Ordering::Relaxed);
+        let text = format!("{error:#}");
+        *self
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(error_kind(&text))
+            .or_default() += 1;
         let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
         if first.is_none() {
-            *first = Some(format!("{error:#}"));
+            *first = Some(text);
         }
     }
 
@@ -199,8 +209,24 @@ impl ConnectTally {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
+            errors: self
+                .errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
+}
+
+/// A connect error without its numbers (ports, IDs, durations), cut short,
+/// so that failures of one kind count together.
+fn error_kind(text: &str) -> String {
+    let kind: String = text
+        .chars()
+        .filter(|c| !c.is_ascii_digit())
+        .take(100)
+        .collect();
+    kind.trim().to_owned()
 }
 
 /// Why sockets ended before the scenario closed them.
