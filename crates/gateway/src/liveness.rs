@@ -11,20 +11,22 @@
 //!
 //! So the gateway keeps hyper's pings, and judges silence itself, on a thread
 //! of its own that no busy runtime delays. A worker is silent when a ping has
-//! gone out on the connection and, for the silence bound, nothing came back:
-//! nothing was read *and* nothing waits in the kernel to be read. The
+//! gone out on the connection and, for the silence bound, its answer was not
+//! read *and* nothing waits in the kernel to be read (the answer may be
+//! there, behind what the gateway has not read yet). Only the answer counts:
+//! what is read meanwhile may have been sent long before the ping. The
 //! watchdog then shuts the socket down; hyper reads its end, and every
 //! stream on it fails as it would if the worker's process were gone.
 //!
 //! - [`Connector`] dials a worker for tonic and puts each connection under
-//!   watch ([`Watched`] notes every read, and every ping it writes);
+//!   watch ([`Watched`] counts the pings it writes and the answers it reads);
 //! - [`Watchdog`] owns the thread that looks at every watched connection.
 
 use std::future::Future;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -56,19 +58,20 @@ struct Watch {
     /// A second handle on the socket, to look into its receive queue and to
     /// shut it down; it closes with the connection (the last `Arc`).
     socket: std::net::TcpStream,
-    /// Something was read since the watchdog last looked.
-    heard: AtomicBool,
-    /// A ping went out and nothing was read after it. Reads and writes are
-    /// made by one task (the connection's), so the last one wins.
-    asked: AtomicBool,
+    /// Pings written, and their answers read. hyper has one ping out at a
+    /// time, so a ping waits for its answer while they differ.
+    pings: AtomicU64,
+    pongs: AtomicU64,
 }
 
 /// The watchdog's own record of a connection.
 struct Entry {
     watch: Weak<Watch>,
-    /// Since when a ping has waited with nothing read, as far as the
-    /// watchdog has seen (it looks a twentieth of the bound late at most).
+    /// Since when a ping has waited for its answer, as far as the watchdog
+    /// has seen (it looks a twentieth of the bound late at most).
     asked_since: Option<Instant>,
+    /// Answers read when it last looked.
+    pongs: u64,
     /// Data waited unread past the bound: the gateway, not the worker, is
     /// behind (logged once per spell).
     behind: bool,
@@ -108,8 +111,8 @@ impl Watchdog {
         let watch = Arc::new(Watch {
             worker,
             socket,
-            heard: AtomicBool::new(false),
-            asked: AtomicBool::new(false),
+            pings: AtomicU64::new(0),
+            pongs: AtomicU64::new(0),
         });
         self.inner
             .fresh
@@ -119,7 +122,8 @@ impl Watchdog {
         Ok(Watched {
             io,
             watch,
-            frames: FrameWalker::default(),
+            written: FrameWalker::client(),
+            read: FrameWalker::server(),
         })
     }
 }
@@ -136,6 +140,7 @@ fn watch_loop(inner: Weak<Inner>, every: Duration) {
         entries.extend(fresh.into_iter().map(|watch| Entry {
             watch,
             asked_since: None,
+            pongs: 0,
             behind: false,
         }));
         entries.retain_mut(|entry| look(entry, now, inner.silence));
@@ -147,17 +152,19 @@ fn look(entry: &mut Entry, now: Instant, silence: Duration) -> bool {
     let Some(watch) = entry.watch.upgrade() else {
         return false;
     };
-    let heard = watch.heard.swap(false, Ordering::Relaxed);
-    if !watch.asked.load(Ordering::Relaxed) {
+    // Answers first: a ping written after them is then never missed.
+    let pongs = watch.pongs.load(Ordering::Relaxed);
+    let pings = watch.pings.load(Ordering::Relaxed);
+    if pongs != entry.pongs {
+        // Answered since the last look: whatever waits now was asked since.
+        entry.pongs = pongs;
         entry.asked_since = None;
         entry.behind = false;
+    }
+    if pings <= pongs {
         return true;
     }
-    // A ping waits. Asked again since the last look, if anything came in.
-    let since = match entry.asked_since {
-        Some(since) if !heard => since,
-        _ => *entry.asked_since.insert(now),
-    };
+    let since = *entry.asked_since.get_or_insert(now);
     let silent = now.duration_since(since);
     if silent < silence {
         return true;
@@ -191,11 +198,11 @@ fn look(entry: &mut Entry, now: Instant, silence: Duration) -> bool {
     }
 }
 
-/// Walks the HTTP/2 frames a client writes, to see its pings go out.
+/// Walks one direction of an HTTP/2 connection, to see the pings in it.
 ///
-/// The bytes written are the client preface and then whole frames, each a
-/// 9-byte header (24-bit length, type, flags, stream) and its payload; a
-/// write may end anywhere in either.
+/// The bytes are (from a client only) the preface and then whole frames,
+/// each a 9-byte header (24-bit length, type, flags, stream) and its
+/// payload; a read or a write may end anywhere in either.
 struct FrameWalker {
     /// Bytes to pass over before the next frame header.
     skip: usize,
@@ -210,21 +217,32 @@ const FRAME_HEADER_LEN: usize = 9;
 const PING: u8 = 0x6;
 const ACK: u8 = 0x1;
 
-impl Default for FrameWalker {
-    fn default() -> Self {
+/// Which pings a walker counts.
+const ASKING: u8 = 0;
+const ANSWERING: u8 = ACK;
+
+impl FrameWalker {
+    /// For what the gateway writes: it opens with the preface.
+    fn client() -> Self {
         FrameWalker {
             skip: CLIENT_PREFACE_LEN,
             header: [0; FRAME_HEADER_LEN],
             have: 0,
         }
     }
-}
 
-impl FrameWalker {
-    /// Walks `bytes`, written next; returns whether they held a ping (one
-    /// that asks, not one that answers).
-    fn walk(&mut self, mut bytes: &[u8]) -> bool {
-        let mut ping = false;
+    /// For what the worker writes.
+    fn server() -> Self {
+        FrameWalker {
+            skip: 0,
+            ..FrameWalker::client()
+        }
+    }
+
+    /// Walks `bytes`, the next ones; returns how many pings whose ACK flag
+    /// is `ack` (`ASKING` or `ANSWERING`) they completed.
+    fn walk(&mut self, mut bytes: &[u8], ack: u8) -> u64 {
+        let mut pings = 0;
         while !bytes.is_empty() {
             if self.skip > 0 {
                 let n = self.skip.min(bytes.len());
@@ -238,40 +256,41 @@ impl FrameWalker {
             bytes = &bytes[n..];
             if self.have == FRAME_HEADER_LEN {
                 let [l0, l1, l2, kind, flags, ..] = self.header;
-                ping |= kind == PING && flags & ACK == 0;
+                pings += u64::from(kind == PING && flags & ACK == ack);
                 self.skip = usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2);
                 self.have = 0;
             }
         }
-        ping
+        pings
     }
 
-    fn walk_vectored(&mut self, bufs: &[io::IoSlice<'_>], mut written: usize) -> bool {
-        let mut ping = false;
+    fn walk_vectored(&mut self, bufs: &[io::IoSlice<'_>], mut written: usize, ack: u8) -> u64 {
+        let mut pings = 0;
         for buf in bufs {
             if written == 0 {
                 break;
             }
             let n = buf.len().min(written);
-            ping |= self.walk(&buf[..n]);
+            pings += self.walk(&buf[..n], ack);
             written -= n;
         }
-        ping
+        pings
     }
 }
 
-/// A connection under watch: every read that brings something is noted,
-/// and every ping written.
+/// A connection under watch: the pings it writes and the answers it reads
+/// are counted.
 pub struct Watched {
     io: TcpStream,
     watch: Arc<Watch>,
-    frames: FrameWalker,
+    written: FrameWalker,
+    read: FrameWalker,
 }
 
 impl Watched {
-    fn wrote(&mut self, ping: bool) {
-        if ping {
-            self.watch.asked.store(true, Ordering::Relaxed);
+    fn wrote(&mut self, pings: u64) {
+        if pings > 0 {
+            self.watch.pings.fetch_add(pings, Ordering::Relaxed);
         }
     }
 }
@@ -285,9 +304,9 @@ impl AsyncRead for Watched {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.watch.asked.store(false, Ordering::Relaxed);
-            this.watch.heard.store(true, Ordering::Relaxed);
+        let pongs = this.read.walk(&buf.filled()[before..], ANSWERING);
+        if pongs > 0 {
+            this.watch.pongs.fetch_add(pongs, Ordering::Relaxed);
         }
         polled
     }
@@ -302,8 +321,8 @@ impl AsyncWrite for Watched {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = polled {
-            let ping = this.frames.walk(&buf[..n]);
-            this.wrote(ping);
+            let pings = this.written.walk(&buf[..n], ASKING);
+            this.wrote(pings);
         }
         polled
     }
@@ -316,8 +335,8 @@ impl AsyncWrite for Watched {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = polled {
-            let ping = this.frames.walk_vectored(bufs, n);
-            this.wrote(ping);
+            let pings = this.written.walk_vectored(bufs, n, ASKING);
+            this.wrote(pings);
         }
         polled
     }
@@ -386,6 +405,10 @@ mod tests {
         frame(PING, 0, &[7; 8])
     }
 
+    fn pong() -> Vec<u8> {
+        frame(PING, ACK, &[7; 8])
+    }
+
     /// A watched connection to a listener on loopback that has written the
     /// client preface, and the listener's end (which has read it).
     async fn pair(watchdog: &Watchdog) -> (Watched, TcpStream) {
@@ -415,17 +438,40 @@ mod tests {
         started.elapsed()
     }
 
+    /// Waits for the connection to be cut; fails if it takes past the bound
+    /// (with two looks, and room for a loaded test machine).
+    async fn cut_within_the_bound(watched: &mut Watched) -> Duration {
+        let took = tokio::time::timeout(SILENCE * 4, time_to_end(watched))
+            .await
+            .expect("a silent worker's connection was never closed");
+        assert!(took < SILENCE * 2, "closed only after {took:?}");
+        took
+    }
+
     #[tokio::test]
     async fn a_worker_that_does_not_answer_a_ping_is_cut_within_the_bound() {
         let watchdog = Watchdog::start(SILENCE).unwrap();
         let (mut watched, _worker) = pair(&watchdog).await;
         watched.write_all(&ping()).await.unwrap();
-        let took = tokio::time::timeout(SILENCE * 4, time_to_end(&mut watched))
-            .await
-            .expect("a silent worker's connection was never closed");
+        let took = cut_within_the_bound(&mut watched).await;
         assert!(took >= SILENCE, "closed after {took:?}, before the bound");
-        // The bound, two looks, and room for a loaded test machine.
-        assert!(took < SILENCE * 2, "closed only after {took:?}");
+    }
+
+    /// What the gateway reads after its ping may have been sent before it
+    /// (a backlog it was slow to read): only the answer counts.
+    #[tokio::test]
+    async fn data_read_after_a_ping_is_not_its_answer() {
+        let watchdog = Watchdog::start(SILENCE).unwrap();
+        let (mut watched, mut worker) = pair(&watchdog).await;
+        watched.write_all(&ping()).await.unwrap();
+        let data = frame(0x0, 0, &[1; 40]);
+        let mut buf = [0u8; 64];
+        for _ in 0..3 {
+            worker.write_all(&data).await.unwrap();
+            watched.read_exact(&mut buf[..data.len()]).await.unwrap();
+            tokio::time::sleep(SILENCE / 4).await;
+        }
+        cut_within_the_bound(&mut watched).await;
     }
 
     #[tokio::test]
@@ -436,8 +482,8 @@ mod tests {
         for _ in 0..10 {
             watched.write_all(&ping()).await.unwrap();
             worker.read_exact(&mut buf[..17]).await.unwrap();
-            worker.write_all(b"pong").await.unwrap();
-            assert_eq!(watched.read(&mut buf).await.unwrap(), 4);
+            worker.write_all(&pong()).await.unwrap();
+            watched.read_exact(&mut buf[..17]).await.unwrap();
             tokio::time::sleep(SILENCE / 3).await;
         }
         worker.write_all(b"still here").await.unwrap();
@@ -456,7 +502,7 @@ mod tests {
             .write_all(&frame(0x0, 0, &[0, 0, 8, PING, 0, 0, 0, 0, 0]))
             .await
             .unwrap();
-        watched.write_all(&frame(PING, ACK, &[1; 8])).await.unwrap();
+        watched.write_all(&pong()).await.unwrap();
         tokio::time::sleep(SILENCE * 3).await;
         worker.write_all(b"still here").await.unwrap();
         let mut buf = [0u8; 64];
@@ -470,43 +516,50 @@ mod tests {
         let watchdog = Watchdog::start(SILENCE).unwrap();
         let (mut watched, mut worker) = pair(&watchdog).await;
         watched.write_all(&ping()).await.unwrap();
-        worker.write_all(b"pong").await.unwrap();
+        worker.write_all(&pong()).await.unwrap();
         tokio::time::sleep(SILENCE * 3).await;
         let mut buf = [0u8; 64];
-        assert_eq!(watched.read(&mut buf).await.unwrap(), 4);
+        watched.read_exact(&mut buf[..17]).await.unwrap();
         // A ping unanswered from here counts from here.
         watched.write_all(&ping()).await.unwrap();
-        let took = tokio::time::timeout(SILENCE * 4, time_to_end(&mut watched))
-            .await
-            .expect("the connection was never closed once silent");
+        let took = cut_within_the_bound(&mut watched).await;
         assert!(took >= SILENCE, "closed after {took:?}");
     }
 
     #[test]
-    fn pings_are_seen_wherever_the_writes_split_them() {
+    fn pings_are_counted_wherever_the_bytes_split_them() {
         let mut bytes = vec![b'P'; CLIENT_PREFACE_LEN];
         bytes.extend(frame(0x4, 0, &[0; 12])); // settings
         bytes.extend(frame(0x0, 0, &[PING; 20])); // data that looks like pings
-        bytes.extend(frame(PING, ACK, &[1; 8])); // an answer to the worker
+        bytes.extend(pong()); // an answer to the worker's ping
         let asks_at = bytes.len();
         bytes.extend(ping());
         bytes.extend(frame(0x0, 0, &[PING; 3]));
+        let header_end = asks_at + FRAME_HEADER_LEN;
         for split in 1..bytes.len() {
-            let mut walker = FrameWalker::default();
-            let first = walker.walk(&bytes[..split]);
-            let second = walker.walk(&bytes[split..]);
-            // The ping counts in the write that completes its header.
-            let header_end = asks_at + FRAME_HEADER_LEN;
-            assert_eq!(first, split >= header_end, "split at {split}");
-            assert_eq!(second, split < header_end, "split at {split}");
+            let mut walker = FrameWalker::client();
+            let first = walker.walk(&bytes[..split], ASKING);
+            let second = walker.walk(&bytes[split..], ASKING);
+            // The ping counts in the bytes that complete its header.
+            assert_eq!(first, u64::from(split >= header_end), "split at {split}");
+            assert_eq!(first + second, 1, "split at {split}");
             assert_eq!((walker.skip, walker.have), (0, 0), "split at {split}");
         }
-        let mut walker = FrameWalker::default();
+        let mut walker = FrameWalker::client();
         let slices = [
             io::IoSlice::new(&bytes[..30]),
             io::IoSlice::new(&bytes[30..]),
         ];
-        assert!(!walker.walk_vectored(&slices, asks_at));
-        assert!(walker.walk(&bytes[asks_at..]));
+        assert_eq!(walker.walk_vectored(&slices, asks_at, ASKING), 0);
+        assert_eq!(walker.walk(&bytes[asks_at..], ASKING), 1);
+
+        // What a worker sends: no preface; its answers are the ACKs.
+        let answers = [pong(), frame(0x0, 0, &[PING; 9]), ping(), pong()].concat();
+        for split in 1..answers.len() {
+            let mut walker = FrameWalker::server();
+            let pongs = walker.walk(&answers[..split], ANSWERING)
+                + walker.walk(&answers[split..], ANSWERING);
+            assert_eq!(pongs, 2, "split at {split}");
+        }
     }
 }
