@@ -14,9 +14,16 @@
 //! gone out on the connection and, for the silence bound, its answer was not
 //! read *and* nothing waits in the kernel to be read (the answer may be
 //! there, behind what the gateway has not read yet). Only the answer counts:
-//! what is read meanwhile may have been sent long before the ping. The
-//! watchdog then shuts the socket down; hyper reads its end, and every
-//! stream on it fails as it would if the worker's process were gone.
+//! what is read meanwhile may have been sent long before the ping. A worker
+//! is silent too when what the gateway wrote has waited that long with none
+//! of it taken by the worker's kernel: its receive buffer is full (it stopped
+//! reading) or the link is cut, and the gateway's HTTP/2 task, blocked on
+//! the write, would not even send its ping. The watchdog then shuts the
+//! socket down; hyper reads its end, and every stream on it fails as it
+//! would if the worker's process were gone.
+//!
+//! The bound holds from the moment the ping is written: a gateway so busy
+//! that hyper pings late finds the hang that much later.
 //!
 //! - [`Connector`] dials a worker for tonic and puts each connection under
 //!   watch ([`Watched`] counts the pings it writes and the answers it reads);
@@ -62,6 +69,8 @@ struct Watch {
     /// time, so a ping waits for its answer while they differ.
     pings: AtomicU64,
     pongs: AtomicU64,
+    /// Odd while a read is under way (its answer may not be counted yet).
+    reads: AtomicU64,
 }
 
 /// The watchdog's own record of a connection.
@@ -72,6 +81,10 @@ struct Entry {
     asked_since: Option<Instant>,
     /// Answers read when it last looked.
     pongs: u64,
+    /// Bytes the worker's kernel had acknowledged when it last looked, and
+    /// since when none more while some waited to go.
+    acked: u64,
+    stalled_since: Option<Instant>,
     /// Data waited unread past the bound: the gateway, not the worker, is
     /// behind (logged once per spell).
     behind: bool,
@@ -113,6 +126,7 @@ impl Watchdog {
             socket,
             pings: AtomicU64::new(0),
             pongs: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
         });
         self.inner
             .fresh
@@ -141,6 +155,8 @@ fn watch_loop(inner: Weak<Inner>, every: Duration) {
             watch,
             asked_since: None,
             pongs: 0,
+            acked: 0,
+            stalled_since: None,
             behind: false,
         }));
         entries.retain_mut(|entry| look(entry, now, inner.silence));
@@ -152,9 +168,27 @@ fn look(entry: &mut Entry, now: Instant, silence: Duration) -> bool {
     let Some(watch) = entry.watch.upgrade() else {
         return false;
     };
+    if let Some(stalled) = stalled_for(entry, &watch.socket, now)
+        && stalled >= silence
+    {
+        // Nothing written reached the worker's process for the whole bound:
+        // whatever waits unread here, it is not reading.
+        warn!(
+            worker = %watch.worker,
+            stalled_ms = stalled.as_millis() as u64,
+            "worker took nothing written to it within the link timeout: closing the connection"
+        );
+        let _ = watch.socket.shutdown(Shutdown::Both);
+        return false;
+    }
+    // A read under way may be taking the answer: judged at the next look.
+    let reads = watch.reads.load(Ordering::Acquire);
+    if reads % 2 == 1 {
+        return true;
+    }
     // Answers first: a ping written after them is then never missed.
-    let pongs = watch.pongs.load(Ordering::Relaxed);
-    let pings = watch.pings.load(Ordering::Relaxed);
+    let pongs = watch.pongs.load(Ordering::Acquire);
+    let pings = watch.pings.load(Ordering::Acquire);
     if pongs != entry.pongs {
         // Answered since the last look: whatever waits now was asked since.
         entry.pongs = pongs;
@@ -185,7 +219,11 @@ fn look(entry: &mut Entry, now: Instant, silence: Duration) -> bool {
         }
         // Closed by the worker: the reader will see it.
         Ok(_) => false,
+        // Nothing waits, unless a read took the answer since the counts.
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            if watch.reads.load(Ordering::Acquire) != reads {
+                return true;
+            }
             warn!(
                 worker = %watch.worker,
                 silent_ms = silent.as_millis() as u64,
@@ -196,6 +234,58 @@ fn look(entry: &mut Entry, now: Instant, silence: Duration) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// How long bytes have waited to go to the worker with none of them taken
+/// by its kernel (`None`: nothing waits, or progress since the last look).
+fn stalled_for(entry: &mut Entry, socket: &std::net::TcpStream, now: Instant) -> Option<Duration> {
+    let Some((acked, queued)) = send_state(socket) else {
+        entry.stalled_since = None;
+        return None;
+    };
+    if queued == 0 || acked != entry.acked {
+        entry.acked = acked;
+        entry.stalled_since = None;
+        return None;
+    }
+    Some(now.duration_since(*entry.stalled_since.get_or_insert(now)))
+}
+
+/// Bytes of the connection the worker's kernel has acknowledged, and bytes
+/// still queued to go to it (sent and unacknowledged, or not sent yet).
+#[cfg(target_os = "linux")]
+fn send_state(socket: &std::net::TcpStream) -> Option<(u64, u32)> {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    // SAFETY: plain libc calls on our own socket, each given a buffer of the
+    // size it is told (the kernel fills at most `len` bytes of `info`).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let got = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    // A kernel too old to count acknowledged bytes (before 4.1) says less.
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+    if got != 0 || (len as usize) < needed {
+        return None;
+    }
+    let mut queued: libc::c_int = 0;
+    // SAFETY: as above; SIOCOUTQ (TIOCOUTQ) writes one int.
+    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) } != 0 {
+        return None;
+    }
+    Some((info.tcpi_bytes_acked, queued.max(0) as u32))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_state(_socket: &std::net::TcpStream) -> Option<(u64, u32)> {
+    None
 }
 
 /// Walks one direction of an HTTP/2 connection, to see the pings in it.
@@ -290,7 +380,7 @@ pub struct Watched {
 impl Watched {
     fn wrote(&mut self, pings: u64) {
         if pings > 0 {
-            self.watch.pings.fetch_add(pings, Ordering::Relaxed);
+            self.watch.pings.fetch_add(pings, Ordering::Release);
         }
     }
 }
@@ -303,11 +393,13 @@ impl AsyncRead for Watched {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
+        this.watch.reads.fetch_add(1, Ordering::AcqRel);
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         let pongs = this.read.walk(&buf.filled()[before..], ANSWERING);
         if pongs > 0 {
-            this.watch.pongs.fetch_add(pongs, Ordering::Relaxed);
+            this.watch.pongs.fetch_add(pongs, Ordering::Release);
         }
+        this.watch.reads.fetch_add(1, Ordering::Release);
         polled
     }
 }
@@ -439,13 +531,55 @@ mod tests {
     }
 
     /// Waits for the connection to be cut; fails if it takes past the bound
-    /// (with two looks, and room for a loaded test machine).
+    /// (two looks are a tenth of it; the rest is room for a loaded machine).
     async fn cut_within_the_bound(watched: &mut Watched) -> Duration {
+        cut_within(watched, SILENCE * 3 / 2).await
+    }
+
+    async fn cut_within(watched: &mut Watched, bound: Duration) -> Duration {
         let took = tokio::time::timeout(SILENCE * 4, time_to_end(watched))
             .await
             .expect("a silent worker's connection was never closed");
-        assert!(took < SILENCE * 2, "closed only after {took:?}");
+        assert!(took < bound, "closed only after {took:?}");
         took
+    }
+
+    /// Writes until the kernel takes no more: the worker's receive buffer
+    /// and the gateway's send buffer are full.
+    async fn fill(watched: &mut Watched) {
+        let chunk = frame(0x0, 0, &[0; 16 << 10]);
+        while tokio::time::timeout(Duration::from_millis(50), watched.write_all(&chunk))
+            .await
+            .is_ok()
+        {}
+    }
+
+    /// A hung worker the gateway cannot even ping: what it writes waits, so
+    /// hyper's ping would wait behind it.
+    #[tokio::test]
+    async fn a_worker_that_takes_nothing_written_is_cut_within_the_bound() {
+        let watchdog = Watchdog::start(SILENCE).unwrap();
+        let (mut watched, _worker) = pair(&watchdog).await;
+        fill(&mut watched).await;
+        // The kernel may take a little more after the last write gave up,
+        // so the stall starts up to a few looks later.
+        let took = cut_within(&mut watched, SILENCE * 2).await;
+        assert!(took >= SILENCE / 2, "closed after {took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_reads_slowly_is_kept() {
+        let watchdog = Watchdog::start(SILENCE).unwrap();
+        let (mut watched, mut worker) = pair(&watchdog).await;
+        fill(&mut watched).await;
+        let mut buf = vec![0u8; 64 << 10];
+        for _ in 0..12 {
+            tokio::time::sleep(SILENCE / 4).await;
+            // Taking a little makes room: the gateway's queue moves on.
+            worker.read_exact(&mut buf).await.unwrap();
+        }
+        worker.write_all(b"still here").await.unwrap();
+        assert!(watched.read(&mut buf).await.unwrap() > 0);
     }
 
     #[tokio::test]

@@ -9,7 +9,9 @@
 //! busy worker for a hung one and moved its sockets. So the connections run
 //! on a single-threaded runtime of their own, and hand their streams' tasks
 //! to the main runtime: the thread that answers pings never waits behind a
-//! stream, only for the CPU.
+//! stream, only for the CPU. Each connection's socket is registered with
+//! that runtime's own I/O driver, so its readiness is not delivered late by
+//! a busy main runtime either.
 //!
 //! This is what `tonic::transport::Server` does, less the features the worker
 //! does not use (TLS, HTTP/1, connection ages, a concurrency limit), with the
@@ -103,9 +105,20 @@ pub async fn serve(
                 }
                 None => break,
             };
-            let conn = builder.serve_connection(TokioIo::new(io), service.clone());
+            let builder = builder.clone();
+            let service = service.clone();
             let mut watch = watch.clone();
             handle.spawn(async move {
+                // Accepted on the main runtime; registered again here, so
+                // that this thread's own driver wakes it, not a busy one.
+                let io = match io.into_std().and_then(TcpStream::from_std) {
+                    Ok(io) => io,
+                    Err(e) => {
+                        debug!(error = %e, "cannot move a connection to its thread");
+                        return;
+                    }
+                };
+                let conn = builder.serve_connection(TokioIo::new(io), service);
                 let mut conn = std::pin::pin!(conn);
                 let served = tokio::select! {
                     served = &mut conn => served,
