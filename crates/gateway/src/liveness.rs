@@ -32,6 +32,7 @@
 use std::future::Future;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -118,9 +119,7 @@ impl Watchdog {
     /// Puts a freshly dialled connection under watch.
     fn watch(&self, worker: SocketAddr, stream: TcpStream) -> io::Result<Watched> {
         // A second handle (dup) shares the socket and its non-blocking mode.
-        let std_stream = stream.into_std()?;
-        let socket = std_stream.try_clone()?;
-        let io = TcpStream::from_std(std_stream)?;
+        let socket = std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?);
         let watch = Arc::new(Watch {
             worker,
             socket,
@@ -134,7 +133,7 @@ impl Watchdog {
             .unwrap_or_else(|e| e.into_inner())
             .push(Arc::downgrade(&watch));
         Ok(Watched {
-            io,
+            io: stream,
             watch,
             written: FrameWalker::client(),
             read: FrameWalker::server(),
@@ -299,6 +298,8 @@ struct FrameWalker {
     header: [u8; 9],
     /// Bytes of `header` seen so far.
     have: usize,
+    /// The ACK flag of the pings counted: `ASKING` or `ANSWERING`.
+    counts: u8,
 }
 
 /// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, which opens every client connection.
@@ -312,26 +313,29 @@ const ASKING: u8 = 0;
 const ANSWERING: u8 = ACK;
 
 impl FrameWalker {
-    /// For what the gateway writes: it opens with the preface.
+    /// For what the gateway writes (it opens with the preface): counts the
+    /// pings that ask.
     fn client() -> Self {
         FrameWalker {
             skip: CLIENT_PREFACE_LEN,
             header: [0; FRAME_HEADER_LEN],
             have: 0,
+            counts: ASKING,
         }
     }
 
-    /// For what the worker writes.
+    /// For what the worker writes: counts the pings that answer.
     fn server() -> Self {
         FrameWalker {
             skip: 0,
+            counts: ANSWERING,
             ..FrameWalker::client()
         }
     }
 
-    /// Walks `bytes`, the next ones; returns how many pings whose ACK flag
-    /// is `ack` (`ASKING` or `ANSWERING`) they completed.
-    fn walk(&mut self, mut bytes: &[u8], ack: u8) -> u64 {
+    /// Walks `bytes`, the next ones; returns how many of the pings it counts
+    /// they completed.
+    fn walk(&mut self, mut bytes: &[u8]) -> u64 {
         let mut pings = 0;
         while !bytes.is_empty() {
             if self.skip > 0 {
@@ -346,7 +350,7 @@ impl FrameWalker {
             bytes = &bytes[n..];
             if self.have == FRAME_HEADER_LEN {
                 let [l0, l1, l2, kind, flags, ..] = self.header;
-                pings += u64::from(kind == PING && flags & ACK == ack);
+                pings += u64::from(kind == PING && flags & ACK == self.counts);
                 self.skip = usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2);
                 self.have = 0;
             }
@@ -354,14 +358,14 @@ impl FrameWalker {
         pings
     }
 
-    fn walk_vectored(&mut self, bufs: &[io::IoSlice<'_>], mut written: usize, ack: u8) -> u64 {
+    fn walk_vectored(&mut self, bufs: &[io::IoSlice<'_>], mut written: usize) -> u64 {
         let mut pings = 0;
         for buf in bufs {
             if written == 0 {
                 break;
             }
             let n = buf.len().min(written);
-            pings += self.walk(&buf[..n], ack);
+            pings += self.walk(&buf[..n]);
             written -= n;
         }
         pings
@@ -395,7 +399,7 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         this.watch.reads.fetch_add(1, Ordering::AcqRel);
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        let pongs = this.read.walk(&buf.filled()[before..], ANSWERING);
+        let pongs = this.read.walk(&buf.filled()[before..]);
         if pongs > 0 {
             this.watch.pongs.fetch_add(pongs, Ordering::Release);
         }
@@ -413,7 +417,7 @@ impl AsyncWrite for Watched {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = polled {
-            let pings = this.written.walk(&buf[..n], ASKING);
+            let pings = this.written.walk(&buf[..n]);
             this.wrote(pings);
         }
         polled
@@ -427,7 +431,7 @@ impl AsyncWrite for Watched {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = polled {
-            let pings = this.written.walk_vectored(bufs, n, ASKING);
+            let pings = this.written.walk_vectored(bufs, n);
             this.wrote(pings);
         }
         polled
@@ -672,8 +676,8 @@ mod tests {
         let header_end = asks_at + FRAME_HEADER_LEN;
         for split in 1..bytes.len() {
             let mut walker = FrameWalker::client();
-            let first = walker.walk(&bytes[..split], ASKING);
-            let second = walker.walk(&bytes[split..], ASKING);
+            let first = walker.walk(&bytes[..split]);
+            let second = walker.walk(&bytes[split..]);
             // The ping counts in the bytes that complete its header.
             assert_eq!(first, u64::from(split >= header_end), "split at {split}");
             assert_eq!(first + second, 1, "split at {split}");
@@ -684,15 +688,14 @@ mod tests {
             io::IoSlice::new(&bytes[..30]),
             io::IoSlice::new(&bytes[30..]),
         ];
-        assert_eq!(walker.walk_vectored(&slices, asks_at, ASKING), 0);
-        assert_eq!(walker.walk(&bytes[asks_at..], ASKING), 1);
+        assert_eq!(walker.walk_vectored(&slices, asks_at), 0);
+        assert_eq!(walker.walk(&bytes[asks_at..]), 1);
 
         // What a worker sends: no preface; its answers are the ACKs.
         let answers = [pong(), frame(0x0, 0, &[PING; 9]), ping(), pong()].concat();
         for split in 1..answers.len() {
             let mut walker = FrameWalker::server();
-            let pongs = walker.walk(&answers[..split], ANSWERING)
-                + walker.walk(&answers[split..], ANSWERING);
+            let pongs = walker.walk(&answers[..split]) + walker.walk(&answers[split..]);
             assert_eq!(pongs, 2, "split at {split}");
         }
     }

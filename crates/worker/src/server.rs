@@ -89,8 +89,7 @@ pub async fn serve(
     // Each connection holds a receiver; `closed` tells when all are gone.
     let (shutting_down, watch) = tokio::sync::watch::channel(false);
     {
-        let incoming = std::pin::pin!(incoming);
-        let mut incoming = incoming.fuse();
+        let mut incoming = std::pin::pin!(incoming);
         let mut signal = std::pin::pin!(signal);
         loop {
             let io = tokio::select! {
