@@ -501,6 +501,39 @@ async fn a_dead_gateways_users_leave_within_the_lease() {
     drop(gone);
 }
 
+/// A failover changes nobody's presence. The moved sockets' entries are
+/// written again unchanged, and that must not move the notification stream
+/// that makes every worker read the whole online list again: at 10,000
+/// sockets, one read per moved socket's write was most of Redis's work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_notifies_no_presence_change() {
+    const EVENTS: &str = "sharedconn:presence-events";
+    let mut stack = Stack::start(Mode::Private, true, 2, 1).await;
+    let (mut peers, mut names) = stack.peers(6).await;
+    let redis = stack.redis.as_ref().expect("redis");
+    let before = redis.command(&["XLEN", EVENTS]).await;
+    stack.workers[0].proc.kill();
+    let sent = chat(&mut peers, 5, Duration::from_millis(20), "moved").await;
+    check_everyone_saw(&peers, &sent).await;
+    // One real change, written after the moves, and seen by everyone: the
+    // moves' writes (if any) went before it.
+    peers.push(Peer::join(&stack.gateways[0].ws_url(), "late").await);
+    names.insert("late".to_owned());
+    wait_lists(&peers, &names).await;
+    let count = |reply: Option<String>| -> u64 {
+        let reply = reply.expect("XLEN answered");
+        reply
+            .trim_start_matches(':')
+            .parse()
+            .expect("XLEN is a number")
+    };
+    assert_eq!(
+        count(redis.command(&["XLEN", EVENTS]).await),
+        count(before) + 1,
+        "only the late join notified the workers"
+    );
+}
+
 /// A gateway restarted with the same tag purges its previous run's users at
 /// once, long before their lease would run out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -608,27 +608,17 @@ async fn presence_loop(
                 reload_due = true;
             }
             if !writes.is_empty() {
-                let mut pipe = redis::pipe();
+                let mut call = presence_call(&scripts, &keys, lease_ms, "write");
                 for ((boot, ws), user) in &writes {
-                    let hash = format!("{}{}", keys.users_prefix, boot_key(*boot));
+                    call.arg(boot_key(*boot)).arg(*ws);
                     match user {
-                        Some(u) => pipe.hset(hash, ws, format!("{} {}", u.opened_ms, u.alias)),
-                        None => pipe.hdel(hash, ws),
-                    }
-                    .ignore();
+                        Some(u) => call.arg(format!("{} {}", u.opened_ms, u.alias)),
+                        None => call.arg(""),
+                    };
                 }
-                pipe.cmd("XADD")
-                    .arg(&keys.notify)
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(1000)
-                    .arg("*")
-                    .arg("changed")
-                    .arg(writes.len())
-                    .ignore();
-                pipe.query_async::<()>(&mut conn).await?;
+                let changed: u64 = call.invoke_async(&mut conn).await?;
                 writes.clear();
-                reload_due = true;
+                reload_due |= changed > 0;
             }
             if renew_due && !held.is_empty() {
                 let mut call = presence_call(&scripts, &keys, lease_ms, "renew");
