@@ -54,6 +54,11 @@ const LATENCY_MAX_US: u64 = 3_600_000_000;
 const DRAIN_QUIET: Duration = Duration::from_secs(3);
 /// How long the gateway may take to link to the second worker.
 const LINK_WAIT: Duration = Duration::from_secs(20);
+/// The servers together under this many cores are quiet: no online lists
+/// going out (an idle cluster of 10,000 sockets uses a few hundredths).
+const QUIET_CORES: f64 = 0.15;
+/// Longest wait for them to go quiet after `--settle`.
+const QUIET_MAX: Duration = Duration::from_secs(120);
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Percentiles of one per-socket quantity, milliseconds.
@@ -136,6 +141,11 @@ pub struct FailoverReport {
     pub one_order: bool,
     pub error_frames: u64,
     pub first_error_frame: Option<String>,
+    /// Seconds waited past `--settle` for the servers to go quiet (the
+    /// joins' online lists still going out).
+    pub quiet_wait_secs: f64,
+    /// The servers were still busy when that wait gave up.
+    pub never_quiet: bool,
     /// Seconds from the end of sending until the drain ended.
     pub drain_secs: f64,
     /// The drain ended because nothing arrived for a while (not all arrived).
@@ -474,6 +484,19 @@ async fn measure(
     )
     .await;
     tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
+    // A join storm's online lists can outlast any fixed settle on a slow
+    // machine; a fault in the middle of them measures the lists, not the
+    // failover.
+    let servers = [gateway_pid, victim_pid, survivor_pid, redis_pid];
+    let quiet_start = Instant::now();
+    let quiet = wait_quiet(&servers).await;
+    let quiet_wait_secs = quiet_start.elapsed().as_secs_f64();
+    if !quiet {
+        warn!(
+            waited_secs = quiet_wait_secs,
+            "the servers were still busy at the fault: read this run's numbers with that"
+        );
+    }
     // Read after the settle: a client still connecting at the deadline may
     // finish during it, and it receives (and is owed) the whole run.
     let connected = ctx.connect.connected();
@@ -665,6 +688,8 @@ async fn measure(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone(),
+        quiet_wait_secs,
+        never_quiet: !quiet,
         drain_secs,
         drain_went_quiet,
         closed_by_server: ctx.closes.closed(),
@@ -899,6 +924,15 @@ pub fn text(r: &FailoverReport) -> String {
         );
     }
     out += &format!(
+        "  settled: quiet after {:.1} s more{}\n",
+        r.quiet_wait_secs,
+        if r.never_quiet {
+            " (gave up: still busy)"
+        } else {
+            ""
+        }
+    );
+    out += &format!(
         "  drain {:.1} s{}{}\n",
         r.drain_secs,
         if r.drain_went_quiet {
@@ -979,6 +1013,28 @@ pub fn table(s: &FailoverSummary) -> String {
         out += &format!("failed: {f}\n");
     }
     out
+}
+
+/// Waits, up to [`QUIET_MAX`], until `pids` together use under
+/// [`QUIET_CORES`] over a second. False if they never did.
+async fn wait_quiet(pids: &[u32]) -> bool {
+    let used = || -> f64 {
+        pids.iter()
+            .filter_map(|&pid| sample(pid).map(|s| s.cpu_seconds))
+            .sum()
+    };
+    let deadline = Instant::now() + QUIET_MAX;
+    let mut last = (Instant::now(), used());
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = (Instant::now(), used());
+        let cores = (now.1 - last.1) / now.0.duration_since(last.0).as_secs_f64();
+        if cores < QUIET_CORES {
+            return true;
+        }
+        last = now;
+    }
+    false
 }
 
 #[cfg(test)]
