@@ -37,6 +37,12 @@ use rules::{ClientFrame, DEFAULT_ALIAS};
 /// private mode a list of 10,000 names still queued for about a hundred of
 /// the sockets.
 const LIST_BACKLOG_BYTES: usize = 16 << 20;
+/// How often the chat looks whether the last list has left the queues (a
+/// pass over the streams: 10,000 of them in private mode).
+const DRAIN_POLL: Duration = Duration::from_millis(25);
+/// The last list is gone once the queues hold under this share of what they
+/// held right after it went out (chat keeps flowing behind it).
+const DRAINED_SHARE: usize = 16;
 /// What one stream's copy of a broadcast costs, in sockets' writes: the
 /// worker encodes it, HTTP/2 carries it, the gateway decodes and checks it.
 /// A 10,000-socket private join storm paced as if it were shared mode
@@ -108,6 +114,8 @@ struct UserlistState {
     frame: Option<(Bytes, u64)>,
     /// A gateway is re-attaching its sockets: lists wait.
     held: bool,
+    /// Queued bytes at or under which the last list counts as gone.
+    drained_at: usize,
 }
 
 /// What the chat waits for besides socket events.
@@ -115,6 +123,8 @@ struct UserlistState {
 pub enum ChatEvent {
     Backplane(backplane::Event),
     SendUserlist,
+    /// Time to look whether the last list has left the queues.
+    ListDrain,
 }
 
 impl<B: Backplane> Chat<B> {
@@ -129,6 +139,7 @@ impl<B: Backplane> Chat<B> {
                 pacer: Pacer::new(userlist_interval, Instant::now()),
                 frame: None,
                 held: false,
+                drained_at: 0,
             },
             ingest: Ingest::new(0),
         }
@@ -175,6 +186,7 @@ impl<B: Backplane> Chat<B> {
         let version = list_version(&frame);
         out.broadcast_state(frame.clone(), version);
         self.userlist.frame = Some((frame, version));
+        self.userlist.drained_at = out.queued_bytes() / DRAINED_SHARE;
     }
 
     /// The current list and its version, unless a newer one is pending
@@ -452,11 +464,13 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
 
     async fn next_event(&mut self) -> ChatEvent {
         let due = self.userlist.pacer.due().filter(|_| !self.userlist.held);
+        let draining = self.userlist.pacer.in_flight();
         tokio::select! {
             event = self.backplane.next_event() => ChatEvent::Backplane(event),
             _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                 ChatEvent::SendUserlist
             }
+            _ = tokio::time::sleep(DRAIN_POLL), if draining => ChatEvent::ListDrain,
         }
     }
 
@@ -505,6 +519,11 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
                 }
             }
             ChatEvent::SendUserlist => self.send_userlist(out),
+            ChatEvent::ListDrain => {
+                if out.queued_bytes() <= self.userlist.drained_at {
+                    self.userlist.pacer.drained(Instant::now());
+                }
+            }
         }
     }
 }
@@ -603,7 +622,7 @@ mod tests {
             userlists(&mut rx).is_empty(),
             "nothing sent before the interval"
         );
-        let event = chat.next_event().await;
+        let event = next_but_drain_looks(&mut chat).await;
         assert!(matches!(event, ChatEvent::SendUserlist));
         chat.on_event(event, &mut Outbox::new(&mut router)).await;
         let lists = userlists(&mut rx);
@@ -615,9 +634,59 @@ mod tests {
         // A change right after a send waits for the next interval.
         chat.on_close(2, 1, &mut Outbox::new(&mut router));
         let before = Instant::now();
-        let event = chat.next_event().await;
+        let event = next_but_drain_looks(&mut chat).await;
         assert!(matches!(event, ChatEvent::SendUserlist));
         assert!(Instant::now() - before >= Duration::from_millis(99));
+    }
+
+    /// The chat's next event other than a look at the queues (these
+    /// tests' streams never take what is queued, as a gateway would).
+    async fn next_but_drain_looks(chat: &mut Chat<Embedded>) -> ChatEvent {
+        loop {
+            let event = chat.next_event().await;
+            if !matches!(event, ChatEvent::ListDrain) {
+                return event;
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_list_slow_to_leave_holds_the_next_one_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut chat, _, _) = chat(dir.path());
+        let mut router = Router::default();
+        let (tx, mut rx) = mpsc::channel(1024);
+        let backlog = Arc::new(crate::router::Backlog::default());
+        let peer = Peer { tag: 0, boot: 1 };
+        let cut = tokio::sync::oneshot::channel().0;
+        router.add_stream(1, peer, tx, backlog.clone(), cut);
+        for (ws, name) in [(1, "a"), (2, "b")] {
+            router.add_socket(ws, 1);
+            chat.on_open(ws, open(1, ws), &mut Outbox::new(&mut router))
+                .await;
+            let frame = format!(r#"{{"User":"{name}"}}"#);
+            chat.on_frame(ws, 1, &frame, &mut Outbox::new(&mut router))
+                .await;
+        }
+        let event = next_but_drain_looks(&mut chat).await;
+        assert!(matches!(event, ChatEvent::SendUserlist));
+        chat.on_event(event, &mut Outbox::new(&mut router)).await;
+        // The gateway takes a second to read what is queued.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        while let Ok(command) = rx.try_recv() {
+            backlog.sent(&command.command.unwrap());
+        }
+        // The chat sees the list gone at its next look.
+        let event = chat.next_event().await;
+        assert!(matches!(event, ChatEvent::ListDrain));
+        chat.on_event(event, &mut Outbox::new(&mut router)).await;
+        // A change now waits three times as long, not the 100 ms interval.
+        chat.on_close(2, 1, &mut Outbox::new(&mut router));
+        let drained = Instant::now();
+        let event = next_but_drain_looks(&mut chat).await;
+        assert!(matches!(event, ChatEvent::SendUserlist));
+        let waited = Instant::now() - drained;
+        assert!(waited >= Duration::from_secs(3), "waited {waited:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,6 +6,10 @@
 //! - never more often than `min_interval`;
 //! - after sending a list, wait in proportion to what it cost (list bytes ×
 //!   sockets) so lists never take more than [`BYTES_PER_SEC`];
+//! - and in proportion to how long its copies took to leave this worker's
+//!   queues ([`DRAIN_FACTOR`]): the gateways take them only as fast as they
+//!   can write them to their sockets, so that time is what a list really
+//!   costs on this machine, where [`BYTES_PER_SEC`] is a guess;
 //! - once lists are expensive, wait for joins and leaves to pause for
 //!   [`QUIET`] (a join storm then costs one big list at its end), but never
 //!   hold a change back longer than [`MAX_WAIT`].
@@ -18,6 +22,16 @@ use tokio::time::Instant;
 
 /// Upper bound on online-list traffic, in list bytes × recipients per second.
 pub const BYTES_PER_SEC: f64 = 1024.0 * 1024.0 * 1024.0;
+/// The next list waits this many times as long as the last one took to
+/// leave the queues, so lists take at most a quarter of what the gateways
+/// can carry. Without it, a 10,000-socket private join storm on two slow
+/// cores kept the gateway writing lists, and joining sockets timed out
+/// waiting for their Status frame behind them.
+pub const DRAIN_FACTOR: u32 = 3;
+/// Longest wait the drain time adds: a gateway that stopped reading is cut
+/// by its stream's budget, and must not hold everyone's lists back for
+/// three times as long.
+pub const DRAIN_WAIT_MAX: Duration = Duration::from_secs(10);
 /// A list that cost more than this to send waits for a pause in changes.
 pub const BIG: f64 = 16.0 * 1024.0 * 1024.0;
 /// The pause that ends a storm of joins or leaves.
@@ -35,6 +49,8 @@ pub struct Pacer {
     next_allowed: Instant,
     /// Bytes × recipients of the last list sent.
     last_cost: f64,
+    /// When the last list went out, while its copies may still be queued.
+    in_flight: Option<Instant>,
 }
 
 impl Pacer {
@@ -45,6 +61,7 @@ impl Pacer {
             last_change: now,
             next_allowed: now,
             last_cost: 0.0,
+            in_flight: None,
         }
     }
 
@@ -75,6 +92,22 @@ impl Pacer {
         self.last_cost = cost;
         let gap = Duration::from_secs_f64(cost / BYTES_PER_SEC);
         self.next_allowed = now + self.min_interval.max(gap);
+        self.in_flight = Some(now);
+    }
+
+    /// Whether the last list may still be queued (the chat looks until it
+    /// is not).
+    pub fn in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// The last list's copies left this worker's queues at `now`.
+    pub fn drained(&mut self, now: Instant) {
+        if let Some(sent) = self.in_flight.take() {
+            let took = now.saturating_duration_since(sent);
+            let wait = (took * DRAIN_FACTOR).min(DRAIN_WAIT_MAX);
+            self.next_allowed = self.next_allowed.max(now + wait);
+        }
     }
 
     /// Sending failed; try again after the minimum interval.
@@ -116,6 +149,32 @@ mod tests {
         // A steady trickle cannot hold it back past MAX_WAIT.
         p.changed(start + MAX_WAIT);
         assert_eq!(p.due(), Some(start + MAX_WAIT));
+    }
+
+    #[test]
+    fn a_list_slow_to_leave_spaces_the_next_by_that_time() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(100 * MS, t0);
+        p.sent(t0, 1_000, 100);
+        assert!(p.in_flight());
+        // The gateways took a second to read it all: the next list waits
+        // three more.
+        p.drained(t0 + 1000 * MS);
+        assert!(!p.in_flight());
+        p.changed(t0 + 1000 * MS);
+        assert_eq!(p.due(), Some(t0 + 4000 * MS));
+        // A list that leaves at once changes nothing.
+        let t1 = t0 + 4000 * MS;
+        p.sent(t1, 1_000, 100);
+        p.drained(t1 + MS);
+        p.changed(t1 + MS);
+        assert_eq!(p.due(), Some(t1 + 100 * MS));
+        // One that never seemed to leave adds at most DRAIN_WAIT_MAX.
+        let t2 = t1 + 100 * MS;
+        p.sent(t2, 1_000, 100);
+        p.drained(t2 + 60_000 * MS);
+        p.changed(t2 + 60_000 * MS);
+        assert_eq!(p.due(), Some(t2 + 60_000 * MS + DRAIN_WAIT_MAX));
     }
 
     #[test]
