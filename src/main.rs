@@ -14,6 +14,10 @@ use sharedconn_gateway::cli::{Edge, Limits};
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info};
 
+/// jemalloc, as in the gateway (`crates/gateway/src/main.rs` says why).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Runs one worker and one gateway in this process.
 #[derive(Parser, Debug)]
 #[command(version)]

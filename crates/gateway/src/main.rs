@@ -7,6 +7,12 @@ use clap::Parser;
 use sharedconn_gateway::cli::{Edge, Limits};
 use sharedconn_gateway::{Config, Mode};
 
+/// jemalloc, not glibc's malloc: a private-mode failover opens and drops
+/// thousands of HTTP/2 streams at once, and glibc spent much of it merging
+/// freed buffers (`malloc_consolidate`); BENCHMARKS.md has the numbers.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Terminates browser WebSockets and links them to workers over gRPC.
 #[derive(Parser, Debug)]
 #[command(version)]

@@ -8,6 +8,10 @@ use anyhow::Context;
 use clap::Parser;
 use sharedconn_worker::BackplaneKind;
 
+/// jemalloc, as in the gateway (`crates/gateway/src/main.rs` says why).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Runs the chat application for the sockets that gateways hold.
 #[derive(Parser, Debug)]
 #[command(version)]
