@@ -26,6 +26,13 @@ local lease = tonumber(ARGV[2])
 local purged = 0
 local changed = 0
 
+-- Every worker follows this stream and reads the list again when it moves.
+local function notify(what, n)
+  if n > 0 then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000, '*', what, n)
+  end
+end
+
 local function purge(boot)
   redis.call('DEL', ARGV[1] .. boot)
   redis.call('ZREM', KEYS[1], boot)
@@ -54,9 +61,7 @@ elseif ARGV[3] == 'write' then
       changed = changed + 1
     end
   end
-  if changed > 0 then
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000, '*', 'changed', changed)
-  end
+  notify('changed', changed)
   return changed
 elseif ARGV[3] == 'reap' then
   local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -64,7 +69,5 @@ elseif ARGV[3] == 'reap' then
     purge(boot)
   end
 end
-if purged > 0 then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000, '*', 'purged', purged)
-end
+notify('purged', purged)
 return purged
