@@ -37,9 +37,6 @@ use rules::{ClientFrame, DEFAULT_ALIAS};
 /// private mode a list of 10,000 names still queued for about a hundred of
 /// the sockets.
 const LIST_BACKLOG_BYTES: usize = 16 << 20;
-/// How often the chat looks whether the last list has left the queues (a
-/// pass over the streams: 10,000 of them in private mode).
-const DRAIN_POLL: Duration = Duration::from_millis(25);
 /// The last list is gone once the queues hold under this share of what they
 /// held right after it went out (chat keeps flowing behind it).
 const DRAINED_SHARE: usize = 16;
@@ -116,10 +113,6 @@ struct UserlistState {
     held: bool,
     /// Queued bytes at or under which the last list counts as gone.
     drained_at: usize,
-    /// When to look at the queues next, while the last list may be in them.
-    /// A deadline, not a sleep: the runtime drops `next_event` whenever a
-    /// socket event comes first, which under load is every time.
-    look_at: Instant,
 }
 
 /// What the chat waits for besides socket events.
@@ -144,7 +137,6 @@ impl<B: Backplane> Chat<B> {
                 frame: None,
                 held: false,
                 drained_at: 0,
-                look_at: Instant::now(),
             },
             ingest: Ingest::new(0),
         }
@@ -192,7 +184,6 @@ impl<B: Backplane> Chat<B> {
         out.broadcast_state(frame.clone(), version);
         self.userlist.frame = Some((frame, version));
         self.userlist.drained_at = out.queued_bytes() / DRAINED_SHARE;
-        self.userlist.look_at = Instant::now() + DRAIN_POLL;
     }
 
     /// The current list and its version, unless a newer one is pending
@@ -470,13 +461,15 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
 
     async fn next_event(&mut self) -> ChatEvent {
         let due = self.userlist.pacer.due().filter(|_| !self.userlist.held);
-        let draining = self.userlist.pacer.in_flight();
+        let look = self.userlist.pacer.next_look();
         tokio::select! {
             event = self.backplane.next_event() => ChatEvent::Backplane(event),
             _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                 ChatEvent::SendUserlist
             }
-            _ = tokio::time::sleep_until(self.userlist.look_at), if draining => ChatEvent::ListDrain,
+            _ = tokio::time::sleep_until(look.unwrap_or_else(Instant::now)), if look.is_some() => {
+                ChatEvent::ListDrain
+            }
         }
     }
 
@@ -526,9 +519,11 @@ impl<B: Backplane> WebSocketApp for Chat<B> {
             }
             ChatEvent::SendUserlist => self.send_userlist(out),
             ChatEvent::ListDrain => {
-                self.userlist.look_at = Instant::now() + DRAIN_POLL;
+                let now = Instant::now();
                 if out.queued_bytes() <= self.userlist.drained_at {
-                    self.userlist.pacer.drained(Instant::now());
+                    self.userlist.pacer.drained(now);
+                } else {
+                    self.userlist.pacer.looked(now);
                 }
             }
         }

@@ -32,6 +32,9 @@ pub const DRAIN_FACTOR: u32 = 3;
 /// by its stream's budget, and must not hold everyone's lists back for
 /// three times as long.
 pub const DRAIN_WAIT_MAX: Duration = Duration::from_secs(10);
+/// How often the chat looks whether the last list has left the queues (a
+/// pass over the streams: 10,000 of them in private mode).
+pub const LOOK_EVERY: Duration = Duration::from_millis(25);
 /// A list that cost more than this to send waits for a pause in changes.
 pub const BIG: f64 = 16.0 * 1024.0 * 1024.0;
 /// The pause that ends a storm of joins or leaves.
@@ -49,8 +52,17 @@ pub struct Pacer {
     next_allowed: Instant,
     /// Bytes × recipients of the last list sent.
     last_cost: f64,
-    /// When the last list went out, while its copies may still be queued.
-    in_flight: Option<Instant>,
+    /// The last list, while its copies may still be queued.
+    in_flight: Option<InFlight>,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    sent: Instant,
+    /// The next look at the queues. A deadline, not a sleep: the runtime
+    /// drops the chat's `next_event` whenever a socket event comes first,
+    /// which under load is every time.
+    look_at: Instant,
 }
 
 impl Pacer {
@@ -92,18 +104,33 @@ impl Pacer {
         self.last_cost = cost;
         let gap = Duration::from_secs_f64(cost / BYTES_PER_SEC);
         self.next_allowed = now + self.min_interval.max(gap);
-        self.in_flight = Some(now);
+        self.in_flight = Some(InFlight {
+            sent: now,
+            look_at: now + LOOK_EVERY,
+        });
     }
 
-    /// Whether the last list may still be queued (the chat looks until it
-    /// is not).
+    /// Whether the last list may still be queued.
+    #[cfg(test)]
     pub fn in_flight(&self) -> bool {
         self.in_flight.is_some()
     }
 
+    /// When to look at the queues next, while the last list may be in them.
+    pub fn next_look(&self) -> Option<Instant> {
+        self.in_flight.as_ref().map(|f| f.look_at)
+    }
+
+    /// The chat looked at `now` and the list was still there.
+    pub fn looked(&mut self, now: Instant) {
+        if let Some(f) = &mut self.in_flight {
+            f.look_at = now + LOOK_EVERY;
+        }
+    }
+
     /// The last list's copies left this worker's queues at `now`.
     pub fn drained(&mut self, now: Instant) {
-        if let Some(sent) = self.in_flight.take() {
+        if let Some(InFlight { sent, .. }) = self.in_flight.take() {
             let took = now.saturating_duration_since(sent);
             let wait = (took * DRAIN_FACTOR).min(DRAIN_WAIT_MAX);
             self.next_allowed = self.next_allowed.max(now + wait);
