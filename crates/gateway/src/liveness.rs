@@ -486,7 +486,10 @@ mod tests {
 
     use super::*;
 
-    const SILENCE: Duration = Duration::from_millis(300);
+    /// Long enough that a test's own task, delayed by a loaded machine,
+    /// does not fall silent itself: at 300 ms, a slow reader's 75 ms pause
+    /// once outlasted the bound while the whole suite ran on two cores.
+    const SILENCE: Duration = Duration::from_secs(1);
 
     /// An HTTP/2 frame: its header and `payload`.
     fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
