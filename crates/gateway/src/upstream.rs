@@ -24,12 +24,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use sharedconn_proto::gateway_event::Event;
 use sharedconn_proto::worker_client::WorkerClient;
 use sharedconn_proto::worker_command::Command;
 use sharedconn_proto::{Close, Fetch, Frame, GatewayEvent, Hello, Open, Synced, WorkerCommand};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -105,6 +105,17 @@ fn keepalive(link_timeout: Duration) -> (Duration, Duration) {
 /// before, and hyper's rule misreads a busy gateway as a dead worker.
 fn keepalive_backstop(link_timeout: Duration) -> Duration {
     link_timeout * 10
+}
+
+/// What became of one socket in a re-attach pass.
+enum Moved {
+    /// On a new stream: the worker it went to holds back its online list
+    /// until told the pass is done.
+    To(StreamHandle),
+    /// No worker took it: it waits for the next pass.
+    Back(u64),
+    /// Closed meanwhile, or already moving.
+    Gone,
 }
 
 /// A worker address as configured, split for resolving.
@@ -914,41 +925,36 @@ impl Upstream {
             }
             let started = Instant::now();
             let count = waiting.len();
-            let synced: Mutex<HashMap<u64, mpsc::Sender<GatewayEvent>>> =
-                Mutex::new(HashMap::new());
-            let left: Mutex<Vec<u64>> = Mutex::new(Vec::new());
-            futures_util::stream::iter(waiting)
-                .for_each_concurrent(REATTACH_CONCURRENCY, |ws| {
-                    let this = &self;
-                    let synced = &synced;
-                    let left = &left;
-                    async move {
-                        let Some(socket) = this.socket(ws) else {
-                            return;
-                        };
-                        let Some(resume) = socket.begin_move() else {
-                            return;
-                        };
-                        match this.reattach(&socket, resume).await {
-                            Ok(stream) => {
-                                synced
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .insert(stream.id, stream.events);
-                            }
-                            Err(_) => {
-                                socket.set_detached();
-                                left.lock().unwrap_or_else(|e| e.into_inner()).push(ws);
-                            }
-                        }
+            // One task per re-attach, so a pass spreads over every runtime
+            // thread: polled from one task, 10,000 private opens ran on one
+            // core while the other had room.
+            let permits = Arc::new(Semaphore::new(REATTACH_CONCURRENCY));
+            let mut moves = JoinSet::new();
+            for ws in waiting {
+                // An error only if closed, which this one never is.
+                let permit = permits.clone().acquire_owned().await;
+                let this = self.clone();
+                moves.spawn(async move {
+                    let moved = this.move_one(ws).await;
+                    drop(permit);
+                    moved
+                });
+            }
+            let mut synced = HashMap::new();
+            let mut left = Vec::new();
+            while let Some(moved) = moves.join_next().await {
+                match moved {
+                    Ok(Moved::To(stream)) => {
+                        synced.insert(stream.id, stream.events);
                     }
-                })
-                .await;
+                    Ok(Moved::Back(ws)) => left.push(ws),
+                    Ok(Moved::Gone) | Err(_) => {}
+                }
+            }
             // Each worker may now send the online list it held back.
-            for (_, events) in synced.into_inner().unwrap_or_default() {
+            for (_, events) in synced {
                 let _ = events.send(event(Event::Synced(Synced {}))).await;
             }
-            let left = left.into_inner().unwrap_or_default();
             crate::metrics::sockets_reattached(count - left.len());
             crate::metrics::sockets_waiting(left.len());
             info!(
@@ -958,6 +964,23 @@ impl Upstream {
                 "sockets re-attached"
             );
             self.expire(left);
+        }
+    }
+
+    /// Re-attaches one waiting socket, if it is still there to move.
+    async fn move_one(self: Arc<Self>, ws: u64) -> Moved {
+        let Some(socket) = self.socket(ws) else {
+            return Moved::Gone;
+        };
+        let Some(resume) = socket.begin_move() else {
+            return Moved::Gone;
+        };
+        match self.reattach(&socket, resume).await {
+            Ok(stream) => Moved::To(stream),
+            Err(_) => {
+                socket.set_detached();
+                Moved::Back(ws)
+            }
         }
     }
 
