@@ -17,7 +17,7 @@
 //! state, its last message id and its unacknowledged frames. Only a socket
 //! left with no worker for the whole re-attach grace is closed (1012).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -28,7 +28,7 @@ use sharedconn_proto::gateway_event::Event;
 use sharedconn_proto::worker_client::WorkerClient;
 use sharedconn_proto::worker_command::Command;
 use sharedconn_proto::{Close, Fetch, Frame, GatewayEvent, Hello, Open, Synced, WorkerCommand};
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -923,48 +923,64 @@ impl Upstream {
                 self.expire(waiting);
                 continue;
             }
-            let started = Instant::now();
-            let count = waiting.len();
-            // One task per re-attach, so a pass spreads over every runtime
-            // thread: polled from one task, 10,000 private opens ran on one
-            // core while the other had room.
-            let permits = Arc::new(Semaphore::new(REATTACH_CONCURRENCY));
-            let mut moves = JoinSet::new();
-            for ws in waiting {
-                // An error only if closed, which this one never is.
-                let permit = permits.clone().acquire_owned().await;
-                let this = self.clone();
-                moves.spawn(async move {
-                    let moved = this.move_one(ws).await;
-                    drop(permit);
-                    moved
-                });
-            }
-            let mut synced = HashMap::new();
-            let mut left = Vec::new();
-            while let Some(moved) = moves.join_next().await {
-                match moved {
-                    Ok(Moved::To(stream)) => {
-                        synced.insert(stream.id, stream.events);
-                    }
-                    Ok(Moved::Back(ws)) => left.push(ws),
-                    Ok(Moved::Gone) | Err(_) => {}
-                }
-            }
-            // Each worker may now send the online list it held back.
-            for (_, events) in synced {
-                let _ = events.send(event(Event::Synced(Synced {}))).await;
-            }
-            crate::metrics::sockets_reattached(count - left.len());
-            crate::metrics::sockets_waiting(left.len());
-            info!(
-                sockets = count - left.len(),
-                waiting = left.len(),
-                took_ms = started.elapsed().as_millis() as u64,
-                "sockets re-attached"
-            );
+            let left = self.move_pass(waiting).await;
             self.expire(left);
         }
+    }
+
+    /// Re-attaches `waiting`, and the sockets that detach while it runs;
+    /// returns those no worker took.
+    ///
+    /// Each re-attach is a task of its own, so a pass spreads over every
+    /// runtime thread (polled from one task, 10,000 private opens ran on one
+    /// core while the other had room), and at most [`REATTACH_CONCURRENCY`]
+    /// run at once. A socket that detaches meanwhile joins the pass at
+    /// once: a hung worker's connections are cut over a few of the
+    /// watchdog's looks, and a draining one's streams say so one by one, so
+    /// its sockets come in batches, and a batch that waited for the whole
+    /// pass before it added that pass to its own time.
+    async fn move_pass(self: &Arc<Self>, waiting: Vec<u64>) -> Vec<u64> {
+        let started = Instant::now();
+        let mut queue = VecDeque::from(waiting);
+        let mut moves = JoinSet::new();
+        let mut moved = 0;
+        let mut left = Vec::new();
+        let mut synced = HashMap::new();
+        loop {
+            while moves.len() < REATTACH_CONCURRENCY
+                && let Some(ws) = queue.pop_front()
+            {
+                moves.spawn(self.clone().move_one(ws));
+            }
+            tokio::select! {
+                done = moves.join_next() => match done {
+                    // Nothing in flight, nothing queued.
+                    None => break,
+                    Some(Ok(Moved::To(stream))) => {
+                        moved += 1;
+                        synced.insert(stream.id, stream.events);
+                    }
+                    Some(Ok(Moved::Back(ws))) => left.push(ws),
+                    Some(Ok(Moved::Gone) | Err(_)) => {}
+                },
+                _ = self.moved.notified() => queue.extend(std::mem::take(
+                    &mut *self.detached.lock().unwrap_or_else(|e| e.into_inner()),
+                )),
+            }
+        }
+        // Each worker may now send the online list it held back.
+        for (_, events) in synced {
+            let _ = events.send(event(Event::Synced(Synced {}))).await;
+        }
+        crate::metrics::sockets_reattached(moved);
+        crate::metrics::sockets_waiting(left.len());
+        info!(
+            sockets = moved,
+            waiting = left.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "sockets re-attached"
+        );
+        left
     }
 
     /// Re-attaches one waiting socket, if it is still there to move.
