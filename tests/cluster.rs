@@ -511,7 +511,7 @@ async fn a_failover_notifies_no_presence_change() {
     let mut stack = Stack::start(Mode::Private, true, 2, 1).await;
     let (mut peers, mut names) = stack.peers(6).await;
     let redis = stack.redis.as_ref().expect("redis");
-    let before = redis.command(&["XLEN", EVENTS]).await;
+    let before = redis.integer(&["XLEN", EVENTS]).await;
     stack.workers[0].proc.kill();
     let sent = chat(&mut peers, 5, Duration::from_millis(20), "moved").await;
     check_everyone_saw(&peers, &sent).await;
@@ -520,16 +520,9 @@ async fn a_failover_notifies_no_presence_change() {
     peers.push(Peer::join(&stack.gateways[0].ws_url(), "late").await);
     names.insert("late".to_owned());
     wait_lists(&peers, &names).await;
-    let count = |reply: Option<String>| -> u64 {
-        let reply = reply.expect("XLEN answered");
-        reply
-            .trim_start_matches(':')
-            .parse()
-            .expect("XLEN is a number")
-    };
     assert_eq!(
-        count(redis.command(&["XLEN", EVENTS]).await),
-        count(before) + 1,
+        redis.integer(&["XLEN", EVENTS]).await,
+        before + 1,
         "only the late join notified the workers"
     );
 }
@@ -594,10 +587,9 @@ async fn redis_killed_under_traffic_loses_nothing() {
     assert!(!received.is_empty());
     redis.restart().await;
     let seq = redis.command(&["HGET", "sharedconn:meta", "seq"]).await;
-    let len = redis.command(&["XLEN", "sharedconn:log"]).await;
+    let stored = redis.integer(&["XLEN", "sharedconn:log"]).await;
     let max = received.iter().map(|c| c.0).max().unwrap();
-    eprintln!("after the restart: seq {seq:?}, XLEN {len:?}; clients had received up to id {max}");
-    let stored: u64 = len.unwrap().trim_start_matches(':').parse().unwrap();
+    eprintln!("after the restart: seq {seq:?}, XLEN {stored}; clients had received up to id {max}");
     assert!(stored >= max, "a received message is missing from the log");
     // The workers resume by themselves; new posts continue the ids.
     let deadline = Instant::now() + SETTLE;

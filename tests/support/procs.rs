@@ -227,6 +227,16 @@ impl Redis {
         let text = String::from_utf8_lossy(&buf[..n]).to_string();
         text.lines().next().map(str::to_owned)
     }
+
+    /// Sends a command whose reply is an integer (`XLEN`, `HLEN`, ...).
+    pub async fn integer(&self, args: &[&str]) -> u64 {
+        let reply = self.command(args).await;
+        reply
+            .as_deref()
+            .and_then(|r| r.strip_prefix(':'))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{args:?} answered {reply:?}, not an integer"))
+    }
 }
 
 fn which(name: &str) -> Option<PathBuf> {

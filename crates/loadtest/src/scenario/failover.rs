@@ -1024,15 +1024,14 @@ async fn wait_quiet(pids: &[u32]) -> bool {
             .sum()
     };
     let deadline = Instant::now() + QUIET_MAX;
-    let mut last = (Instant::now(), used());
+    let (mut since, mut before) = (Instant::now(), used());
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = (Instant::now(), used());
-        let cores = (now.1 - last.1) / now.0.duration_since(last.0).as_secs_f64();
-        if cores < QUIET_CORES {
+        let (now, cpu) = (Instant::now(), used());
+        if (cpu - before) / now.duration_since(since).as_secs_f64() < QUIET_CORES {
             return true;
         }
-        last = now;
+        (since, before) = (now, cpu);
     }
     false
 }
