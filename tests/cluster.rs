@@ -444,6 +444,46 @@ async fn a_rolling_restart_of_every_worker_closes_nothing(mode: Mode) {
     assert_no_flap(&peers, &marks, &names);
 }
 
+/// A draining worker serves its sockets until each is attached elsewhere:
+/// while the worker they move to hangs, the chat goes on through the
+/// draining one, and it exits once they have moved. Private mode, where a
+/// socket moves only once its new stream has answered (a shared stream
+/// takes an open without a round trip, so there the hang is a second
+/// failure after the move).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_worker_serves_its_sockets_until_they_have_moved() {
+    let mut stack =
+        Stack::start_with(Mode::Private, true, 2, 1, &["--drain-grace-secs", "60"]).await;
+    // Worker 1 hangs while the peers join, so every one lands on worker 0.
+    stack.workers[1].proc.stop();
+    stack.gateways[0].wait_linked(1).await;
+    let (mut peers, names) = stack.peers(3).await;
+    stack.workers[1].proc.cont();
+    stack.gateways[0].wait_linked(2).await;
+    let marks = list_marks(&peers);
+    let mut sent = chat(&mut peers, 3, Duration::from_millis(10), "before").await;
+    check_everyone_saw(&peers, &sent).await;
+    // The worker they would move to hangs, and theirs drains: the gateway
+    // finds the hang and no worker is linked.
+    stack.workers[1].proc.stop();
+    stack.workers[0].proc.term();
+    stack.gateways[0].wait_linked(0).await;
+    sent.extend(chat(&mut peers, 3, Duration::from_millis(10), "draining").await);
+    check_everyone_saw(&peers, &sent).await;
+    // Worker 1 is back: the sockets move, and worker 0 exits long before
+    // its drain grace.
+    stack.workers[1].proc.cont();
+    let status = stack.workers[0].proc.exited(Duration::from_secs(15)).await;
+    assert_eq!(status, Some(0), "worker 0 drained and exited cleanly");
+    sent.extend(chat(&mut peers, 3, Duration::from_millis(10), "moved").await);
+    check_everyone_saw(&peers, &sent).await;
+    assert_no_flap(&peers, &marks, &names);
+    assert!(
+        peers.iter().all(|p| p.seen(|s| s.statuses.is_empty())),
+        "no new Status"
+    );
+}
+
 /// One worker on the embedded log, SIGKILLed and started again: the
 /// gateway holds every socket and what their clients sent meanwhile.
 async fn an_embedded_worker_killed_and_restarted_closes_no_socket(mode: Mode) {

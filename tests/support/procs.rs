@@ -111,7 +111,18 @@ impl Proc {
 
     /// SIGTERM, and waits (bounded) for a clean exit; returns its status.
     pub async fn terminate(&mut self, within: Duration) -> Option<i32> {
+        self.term();
+        self.exited(within).await
+    }
+
+    /// SIGTERM, without waiting.
+    pub fn term(&self) {
         self.signal(libc::SIGTERM);
+    }
+
+    /// Waits (bounded) for the process to exit; returns its status, or
+    /// kills it and returns `None` if it did not exit in time.
+    pub async fn exited(&mut self, within: Duration) -> Option<i32> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {

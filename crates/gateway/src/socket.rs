@@ -10,7 +10,7 @@
 //! built from them, so it is stored once).
 
 use std::collections::VecDeque;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -37,16 +37,46 @@ pub struct StreamHandle {
     /// one more per attach, one less per close or loss.
     pub load: Arc<AtomicUsize>,
     /// Cancelled once the stream is over: its link or its pump saw it end,
-    /// or an attach on it failed. Always before its sockets are detached,
-    /// and a socket is never attached to a cancelled stream. A private
-    /// stream's pump stops at it.
+    /// an attach on it failed, or the last socket leaving it (its worker
+    /// drains) is attached elsewhere. Always before its sockets are
+    /// detached, and a socket is never attached to a cancelled stream. A
+    /// private stream's pump and a draining shared link stop at it.
     pub ended: CancellationToken,
+    /// Sockets still served by this stream while they move to another
+    /// worker (see [`Route::Leaving`]).
+    pub leaving: Arc<AtomicUsize>,
+}
+
+impl StreamHandle {
+    pub fn new(id: u64, events: mpsc::Sender<GatewayEvent>, load: Arc<AtomicUsize>) -> Self {
+        StreamHandle {
+            id,
+            events,
+            load,
+            ended: CancellationToken::new(),
+            leaving: Arc::default(),
+        }
+    }
+
+    /// One socket that was leaving this stream is attached elsewhere, or
+    /// closed: the last one ends the stream.
+    pub fn left(&self) {
+        if self.leaving.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.ended.cancel();
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
 pub enum Route {
     /// Frames go to this stream.
     Attached(StreamHandle),
+    /// Its worker drains: frames still go to `from`, and its messages still
+    /// come from it, until the mover has attached the socket to another
+    /// worker (make before break: a drain pauses nothing). The new worker
+    /// is sent every unacknowledged frame, some of which the old one may
+    /// also handle: a post's idempotency key stores it once.
+    Leaving { from: StreamHandle, moving: bool },
     /// Being (re-)attached: frames wait in `unacked` and are sent by the
     /// attaching task, in order, before the socket is `Attached`.
     Moving,
@@ -123,7 +153,7 @@ impl Socket {
                     up.next_seq += 1;
                     up.unacked.push_back((seq, text));
                     let stream = match &up.route {
-                        Route::Attached(s) => Some(s.clone()),
+                        Route::Attached(s) | Route::Leaving { from: s, .. } => Some(s.clone()),
                         _ => None,
                     };
                     return (seq, stream);
@@ -156,7 +186,8 @@ impl Socket {
     }
 
     /// The stream `stream_id` is gone: if it served this socket, the socket
-    /// is detached now. Returns whether it was.
+    /// is detached now. Returns whether it was, and so must wait for the
+    /// mover (a socket that was leaving the stream is the mover's already).
     pub fn detach_from(&self, stream_id: u64) -> bool {
         let mut up = self.up();
         match &up.route {
@@ -164,25 +195,55 @@ impl Socket {
                 up.route = Route::Detached(Instant::now());
                 true
             }
+            Route::Leaving { from, .. } if from.id == stream_id => {
+                from.left();
+                up.route = Route::Detached(Instant::now());
+                false
+            }
             _ => false,
         }
     }
 
-    /// An attach failed: the socket waits for a worker again.
-    pub fn set_detached(&self) {
+    /// The worker behind `stream` drains: if the socket is attached to it,
+    /// it stays there, served, until the mover attaches it elsewhere.
+    /// Returns whether it was attached to it (it must then be moved).
+    pub fn leave(&self, stream: &StreamHandle) -> bool {
         let mut up = self.up();
-        if !matches!(up.route, Route::Detached(_)) {
-            up.route = Route::Detached(Instant::now());
+        match &up.route {
+            Route::Attached(s) if s.id == stream.id && !up.closed => {
+                stream.leaving.fetch_add(1, Ordering::AcqRel);
+                up.route = Route::Leaving {
+                    from: stream.clone(),
+                    moving: false,
+                };
+                true
+            }
+            _ => false,
         }
     }
 
-    /// Starts moving a detached socket to a worker.
+    /// An attach failed: the socket waits for a worker again (a leaving
+    /// one still served by the stream it leaves).
+    pub fn set_detached(&self) {
+        let mut up = self.up();
+        match &mut up.route {
+            Route::Leaving { moving, .. } => *moving = false,
+            Route::Detached(_) => {}
+            route => *route = Route::Detached(Instant::now()),
+        }
+    }
+
+    /// Starts moving a detached (or leaving) socket to a worker.
     pub fn begin_move(&self) -> Option<Resume> {
         let mut up = self.up();
-        if up.closed || !matches!(up.route, Route::Detached(_)) {
+        if up.closed {
             return None;
         }
-        up.route = Route::Moving;
+        match &mut up.route {
+            Route::Detached(_) => up.route = Route::Moving,
+            Route::Leaving { moving, .. } if !*moving => *moving = true,
+            _ => return None,
+        }
         Some(Resume {
             place: self.queue.place(),
             parked: up.parked.clone(),
@@ -206,23 +267,128 @@ impl Socket {
             .cloned()
             .collect();
         if newer.is_empty() {
-            up.route = Route::Attached(stream.clone());
+            let before = std::mem::replace(&mut up.route, Route::Attached(stream.clone()));
+            // Served by the new stream now: the old one may end.
+            if let Route::Leaving { from, .. } = before {
+                from.left();
+            }
             Finish::Attached
         } else {
             Finish::Newer(newer)
         }
     }
 
-    /// Marks the socket closed; returns the stream that served it, if any.
-    pub fn close(&self) -> Option<StreamHandle> {
+    /// Marks the socket closed; returns how it was routed: the stream that
+    /// served it, if any, must be told (and a `Leaving` one let go of, with
+    /// [`StreamHandle::left`], once told).
+    pub fn close(&self) -> Route {
         let mut up = self.up();
         up.closed = true;
         let route = std::mem::replace(&mut up.route, Route::Moving);
         drop(up);
         self.room.notify_one();
-        match route {
-            Route::Attached(s) => Some(s),
+        route
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn socket() -> Socket {
+        Socket::new(
+            1,
+            0,
+            Limits {
+                frames: 16,
+                bytes: 1 << 16,
+            },
+        )
+    }
+
+    fn stream(id: u64) -> StreamHandle {
+        StreamHandle::new(id, mpsc::channel(8).0, Arc::default())
+    }
+
+    fn attached(stream: &StreamHandle) -> Socket {
+        let socket = socket();
+        socket.begin_move();
+        assert!(matches!(socket.finish_move(stream, 0), Finish::Attached));
+        socket
+    }
+
+    fn routed_to(socket: &Socket) -> Option<u64> {
+        match socket.route() {
+            Route::Attached(s) | Route::Leaving { from: s, .. } => Some(s.id),
             _ => None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_leaving_socket_is_served_by_its_old_stream_until_it_moves() {
+        let (old, new) = (stream(1), stream(2));
+        let socket = attached(&old);
+        assert!(socket.leave(&old));
+        let resume = socket.begin_move().expect("a leaving socket moves");
+        assert!(resume.unacked.is_empty());
+        // Mid-move, a client frame still goes to the old stream, and is
+        // kept for the new one.
+        let (seq, to) = socket.hold_frame(Bytes::from_static(b"x")).await;
+        assert_eq!(to.map(|s| s.id), Some(1));
+        assert!(socket.begin_move().is_none(), "one move at a time");
+        match socket.finish_move(&new, 0) {
+            Finish::Newer(frames) => assert_eq!(frames[0].0, seq),
+            _ => panic!("the frame sent meanwhile goes to the new stream too"),
+        }
+        assert!(!old.ended.is_cancelled());
+        assert!(matches!(socket.finish_move(&new, seq), Finish::Attached));
+        assert_eq!(routed_to(&socket), Some(2));
+        assert!(
+            old.ended.is_cancelled(),
+            "its last socket left the old stream"
+        );
+    }
+
+    #[test]
+    fn a_failed_move_leaves_the_socket_on_its_old_stream() {
+        let old = stream(1);
+        let socket = attached(&old);
+        socket.leave(&old);
+        socket.begin_move();
+        socket.set_detached();
+        assert_eq!(routed_to(&socket), Some(1));
+        assert!(
+            socket.begin_move().is_some(),
+            "moved again on the next pass"
+        );
+    }
+
+    #[test]
+    fn a_leaving_socket_whose_old_stream_ends_waits_detached() {
+        let old = stream(1);
+        let socket = attached(&old);
+        socket.leave(&old);
+        assert!(
+            !socket.detach_from(1),
+            "the mover has it already: not queued twice"
+        );
+        assert!(matches!(socket.route(), Route::Detached(_)));
+        assert!(old.ended.is_cancelled());
+    }
+
+    #[test]
+    fn a_stream_ends_when_the_last_of_its_leaving_sockets_has_moved() {
+        let (old, new) = (stream(1), stream(2));
+        let (a, b) = (attached(&old), attached(&old));
+        assert!(a.leave(&old) && b.leave(&old));
+        a.begin_move();
+        assert!(matches!(a.finish_move(&new, 0), Finish::Attached));
+        assert!(!old.ended.is_cancelled(), "b is still on it");
+        // b closes: its worker is told on the old stream, which then ends.
+        match b.close() {
+            Route::Leaving { from, .. } => from.left(),
+            _ => panic!("a closing leaving socket names its stream"),
+        }
+        assert!(old.ended.is_cancelled());
     }
 }

@@ -11,11 +11,13 @@
 //! one GOAWAY cannot take every socket down.
 //!
 //! A link that breaks (the worker died, hung past the HTTP/2 keepalive
-//! timeout, or was cut off) or that drains (the worker is stopping) detaches
-//! its sockets; no browser socket closes. The mover task re-attaches them to
-//! live workers, with bounded concurrency, handing back each socket's parked
-//! state, its last message id and its unacknowledged frames. Only a socket
-//! left with no worker for the whole re-attach grace is closed (1012).
+//! timeout, or was cut off) detaches its sockets; no browser socket closes.
+//! The mover task re-attaches them to live workers, with bounded
+//! concurrency, handing back each socket's parked state, its last message
+//! id and its unacknowledged frames. Only a socket left with no worker for
+//! the whole re-attach grace is closed (1012). A link that drains (the
+//! worker is stopping) keeps serving its sockets while the mover attaches
+//! them elsewhere, and ends when the last has moved (make before break).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -452,12 +454,11 @@ impl Upstream {
                 }
                 CloseReason::NoWorker
             })?;
-        let stream = StreamHandle {
-            id: self.next_stream.fetch_add(1, Ordering::Relaxed),
+        let stream = StreamHandle::new(
+            self.next_stream.fetch_add(1, Ordering::Relaxed),
             events,
-            load: worker.load.clone(),
-            ended: CancellationToken::new(),
-        };
+            worker.load.clone(),
+        );
         tokio::spawn(self.clone().pump_private(
             worker.clone(),
             generation,
@@ -495,6 +496,9 @@ impl Upstream {
                         // The whole worker is stopping, whichever of its
                         // streams says so first: no socket goes to it now.
                         worker.drains(generation);
+                        if self.hand_over(&worker, &stream, self.socket(ws_id).as_ref()) {
+                            continue;
+                        }
                         break;
                     }
                     self.on_command(&worker, command);
@@ -604,6 +608,39 @@ impl Upstream {
         self.moved.notify_one();
     }
 
+    /// The worker behind `stream` drains. While another worker is live, the
+    /// `sockets` attached to `stream` stay on it, served, while the mover
+    /// attaches them elsewhere; the stream ends once the last has moved,
+    /// and so a drain pauses no socket. Returns false when no other worker
+    /// is live: they then wait for one detached, as after a crash, and the
+    /// stream should end now so that the worker can exit and be restarted.
+    fn hand_over<'a>(
+        &self,
+        worker: &WorkerLink,
+        stream: &StreamHandle,
+        sockets: impl IntoIterator<Item = &'a Arc<Socket>>,
+    ) -> bool {
+        if !self.ready() {
+            return false;
+        }
+        // Held while the sockets are counted, so that one moved at once
+        // cannot end the stream before the rest are counted.
+        stream.leaving.fetch_add(1, Ordering::AcqRel);
+        let leaving: Vec<u64> = sockets
+            .into_iter()
+            .filter(|s| s.leave(stream))
+            .map(|s| s.ws_id)
+            .collect();
+        release_load(&worker.load, leaving.len());
+        self.detached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(leaving);
+        self.moved.notify_one();
+        stream.left();
+        true
+    }
+
     /// Forwards a client frame, or keeps it for the next worker. Waits while
     /// the socket has too many frames unacknowledged.
     pub async fn send_frame(&self, socket: &Socket, text: Bytes) {
@@ -623,7 +660,7 @@ impl Upstream {
     /// Asks the worker for the messages a socket that fell behind missed.
     pub async fn fetch(&self, socket: &Socket, after: u64) {
         match socket.route() {
-            Route::Attached(stream) => {
+            Route::Attached(stream) | Route::Leaving { from: stream, .. } => {
                 // Room for the answer and a little live traffic behind it.
                 let fetch = Event::Fetch(Fetch {
                     ws_id: socket.ws_id,
@@ -651,11 +688,16 @@ impl Upstream {
             ws_id: socket.ws_id,
         }));
         match socket.close() {
-            Some(stream) => {
+            Route::Attached(stream) => {
                 release_load(&stream.load, 1);
                 let _ = stream.events.send(close).await;
             }
-            None => {
+            // Its load went with the drain that made it leave.
+            Route::Leaving { from, .. } => {
+                let _ = from.events.send(close).await;
+                from.left();
+            }
+            Route::Moving | Route::Detached(_) => {
                 self.pending_closes
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -855,24 +897,34 @@ impl Upstream {
         *worker.log.lock().unwrap_or_else(|e| e.into_inner()) = log.clone();
         let generation = worker.welcomed();
         worker.trust();
-        let stream = StreamHandle {
-            id: self.next_stream.fetch_add(1, Ordering::Relaxed),
+        let stream = StreamHandle::new(
+            self.next_stream.fetch_add(1, Ordering::Relaxed),
             events,
-            load: worker.load.clone(),
-            ended: CancellationToken::new(),
-        };
+            worker.load.clone(),
+        );
         *worker.live.write().unwrap_or_else(|e| e.into_inner()) = Some(stream.clone());
         info!(worker = %worker.addr, log = %log, resuming, "worker linked");
         crate::metrics::worker_linked(worker.addr, true);
         self.moved.notify_one();
+        let mut draining = false;
         loop {
-            match commands.message().await {
+            let next = tokio::select! {
+                biased;
+                // Every socket it carried is attached elsewhere.
+                _ = stream.ended.cancelled(), if draining => break,
+                next = commands.message() => next,
+            };
+            match next {
                 Ok(Some(WorkerCommand {
                     command: Some(Command::Draining(_)),
                 })) => {
                     info!(worker = %worker.addr, "worker draining, moving its sockets");
                     worker.drains(generation);
-                    break;
+                    let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+                    if !self.hand_over(worker, &stream, table.values()) {
+                        break;
+                    }
+                    draining = true;
                 }
                 Ok(Some(WorkerCommand {
                     command: Some(command),
@@ -1163,12 +1215,11 @@ mod tests {
                 let link = upstream
                     .new_link(SocketAddr::from(([127, 0, 0, 1], port)), 0)
                     .unwrap();
-                *link.live.write().unwrap() = Some(StreamHandle {
-                    id: u64::from(port),
-                    events: mpsc::channel(1).0,
-                    load: link.load.clone(),
-                    ended: CancellationToken::new(),
-                });
+                *link.live.write().unwrap() = Some(StreamHandle::new(
+                    u64::from(port),
+                    mpsc::channel(1).0,
+                    link.load.clone(),
+                ));
                 link
             })
             .collect();
