@@ -80,7 +80,8 @@ pub enum Route {
     /// Being (re-)attached: frames wait in `unacked` and are sent by the
     /// attaching task, in order, before the socket is `Attached`.
     Moving,
-    /// No worker serves the socket since this instant.
+    /// No worker serves the socket since this instant (when it lost its
+    /// worker: a failed re-attach does not start the wait again).
     Detached(Instant),
 }
 
@@ -99,7 +100,17 @@ struct Up {
     unacked: VecDeque<(u64, Bytes)>,
     parked: Bytes,
     route: Route,
+    /// When the socket lost its worker, while it has none: kept across
+    /// failed moves, so that the re-attach grace counts from the loss.
+    lost_at: Option<Instant>,
     closed: bool,
+}
+
+impl Up {
+    /// No worker serves the socket (since it lost its last one).
+    fn detach(&mut self) {
+        self.route = Route::Detached(*self.lost_at.get_or_insert_with(Instant::now));
+    }
 }
 
 /// How an attach ended (see [`Socket::finish_move`]).
@@ -129,6 +140,7 @@ impl Socket {
                 unacked: VecDeque::new(),
                 parked: Bytes::new(),
                 route: Route::Moving,
+                lost_at: None,
                 closed: false,
             }),
             room: Notify::new(),
@@ -192,12 +204,12 @@ impl Socket {
         let mut up = self.up();
         match &up.route {
             Route::Attached(s) if s.id == stream_id && !up.closed => {
-                up.route = Route::Detached(Instant::now());
+                up.detach();
                 true
             }
             Route::Leaving { from, .. } if from.id == stream_id => {
                 from.left();
-                up.route = Route::Detached(Instant::now());
+                up.detach();
                 false
             }
             _ => false,
@@ -229,7 +241,7 @@ impl Socket {
         match &mut up.route {
             Route::Leaving { moving, .. } => *moving = false,
             Route::Detached(_) => {}
-            route => *route = Route::Detached(Instant::now()),
+            _ => up.detach(),
         }
     }
 
@@ -268,6 +280,7 @@ impl Socket {
             .collect();
         if newer.is_empty() {
             let before = std::mem::replace(&mut up.route, Route::Attached(stream.clone()));
+            up.lost_at = None;
             // Served by the new stream now: the old one may end.
             if let Route::Leaving { from, .. } = before {
                 from.left();
@@ -374,6 +387,19 @@ mod tests {
         );
         assert!(matches!(socket.route(), Route::Detached(_)));
         assert!(old.ended.is_cancelled());
+    }
+
+    #[test]
+    fn the_grace_counts_from_the_loss_not_from_the_last_failed_move() {
+        let socket = attached(&stream(1));
+        socket.detach_from(1);
+        let Route::Detached(lost) = socket.route() else {
+            panic!("detached");
+        };
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        socket.begin_move();
+        socket.set_detached();
+        assert!(matches!(socket.route(), Route::Detached(since) if since == lost));
     }
 
     #[test]

@@ -126,6 +126,10 @@ pub struct FailoverReport {
     pub gateway_reattach_took_ms: Vec<u64>,
     pub latency_before: Latency,
     pub latency_during: Latency,
+    /// The same, split: as the re-attached sockets received them, and as
+    /// the others did (a drain that pauses nothing makes them alike).
+    pub latency_during_moved: Latency,
+    pub latency_during_stayed: Latency,
     pub latency_after: Latency,
     pub sent: u64,
     pub deliveries_expected: u64,
@@ -273,8 +277,9 @@ struct Ctx {
     fault_nanos: AtomicU64,
     /// End of the failover window (0 before the fault).
     window_end_nanos: AtomicU64,
-    /// Latency by when the message was posted: before, during, after.
-    phases: [Box<[Mutex<Histogram<u64>>]>; 3],
+    /// Latency by when the message was posted and who received it (see
+    /// [`BEFORE`] and the other phases).
+    phases: [Box<[Mutex<Histogram<u64>>]>; 4],
 }
 
 impl Ctx {
@@ -292,15 +297,22 @@ impl Ctx {
         (0..self.senders).find(|&j| self.sender_client(j) == i)
     }
 
-    fn phase_latency(&self, phase: usize) -> Latency {
+    fn phase_latency(&self, phases: &[usize]) -> Latency {
         let mut all = histogram();
-        for shard in self.phases[phase].iter() {
+        for shard in phases.iter().flat_map(|&p| self.phases[p].iter()) {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             all.add(&*shard).expect("same bounds");
         }
         Latency::from_histogram(&all)
     }
 }
+
+/// Latency phases: posted before the fault; within `--after` of it, as
+/// received by a re-attached socket and by one of the others; later.
+const BEFORE: usize = 0;
+const DURING_MOVED: usize = 1;
+const DURING_STAYED: usize = 2;
+const AFTER: usize = 3;
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("static histogram bounds are valid")
@@ -670,9 +682,11 @@ async fn measure(
         gateway_detected_ms: detected,
         gateway_reattached_ms: reattached_at,
         gateway_reattach_took_ms: took,
-        latency_before: ctx.phase_latency(0),
-        latency_during: ctx.phase_latency(1),
-        latency_after: ctx.phase_latency(2),
+        latency_before: ctx.phase_latency(&[BEFORE]),
+        latency_during: ctx.phase_latency(&[DURING_MOVED, DURING_STAYED]),
+        latency_during_moved: ctx.phase_latency(&[DURING_MOVED]),
+        latency_during_stayed: ctx.phase_latency(&[DURING_STAYED]),
+        latency_after: ctx.phase_latency(&[AFTER]),
         sent,
         deliveries_expected: expected,
         deliveries_received: totals.received,
@@ -810,11 +824,15 @@ async fn read_loop<S>(
         }
         if let (true, Some(m)) = (fresh, marker) {
             let phase = if fault == 0 || m.sent_nanos < fault {
-                0
+                BEFORE
             } else if m.sent_nanos < ctx.window_end_nanos.load(Ordering::Relaxed) {
-                1
+                if i < ctx.half {
+                    DURING_MOVED
+                } else {
+                    DURING_STAYED
+                }
             } else {
-                2
+                AFTER
             };
             if fault != 0 && m.sent_nanos >= fault {
                 around.first_new_post_nanos.get_or_insert(now);
@@ -905,6 +923,14 @@ pub fn text(r: &FailoverReport) -> String {
     );
     out += &format!("  latency posted before   {}\n", lat(&r.latency_before));
     out += &format!("  latency posted during   {}\n", lat(&r.latency_during));
+    out += &format!(
+        "    to re-attached sockets  {}\n",
+        lat(&r.latency_during_moved)
+    );
+    out += &format!(
+        "    to the others           {}\n",
+        lat(&r.latency_during_stayed)
+    );
     out += &format!("  latency posted after    {}\n", lat(&r.latency_after));
     out += &format!(
         "  sent {}; deliveries {} of {}; lost {}; duplicates {}; one order {}; error frames {}; closed {:?}\n",
