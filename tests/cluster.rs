@@ -524,6 +524,41 @@ async fn a_hung_worker_is_found_within_the_link_timeout() {
     stack.workers[0].proc.cont();
 }
 
+/// A client whose lines the gateway stopped reading (its worker hangs with
+/// them unacknowledged, so the session waits for room) is not taken for a
+/// silent client once the worker is back: the gateway pings it first, and
+/// it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_the_gateway_stopped_reading_is_pinged_before_it_is_judged() {
+    let stack = Stack::start(Mode::Shared, false, 1, 0).await;
+    let args = [
+        "--worker",
+        &stack.workers[0].url(),
+        "--ping-interval-secs",
+        "1",
+        "--pong-timeout-secs",
+        "1",
+        // The hang is not to be found: it is the worker being slow.
+        "--link-timeout-ms",
+        "60000",
+    ]
+    .map(String::from);
+    let gateway = GatewayProc::start(addr(), &args, 1).await;
+    let mut peers = vec![
+        Peer::join(&gateway.ws_url(), "busy").await,
+        Peer::join(&gateway.ws_url(), "reader").await,
+    ];
+    wait_lists(&peers, &["busy", "reader"].map(String::from).into()).await;
+    stack.workers[0].proc.stop();
+    // One line more than may wait unacknowledged (32): the gateway stops
+    // reading this client, for longer than ping interval and pong timeout,
+    // and then finds nothing more from it to read.
+    let sent = chat(&mut peers[..1], 33, Duration::ZERO, "held").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stack.workers[0].proc.cont();
+    check_everyone_saw(&peers, &sent).await;
+}
+
 /// A gateway SIGKILLed: its users leave every list within the lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_gateways_users_leave_within_the_lease() {

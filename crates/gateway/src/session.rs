@@ -74,7 +74,11 @@ pub fn run(
             (timing.frame_timeout.min(timing.ping_interval) / 2).max(Duration::from_millis(10));
         let mut next_check = Instant::now() + check_every;
         let mut heard = Instant::now();
-        let mut pinged = false;
+        // When the ping to a silent client went out. A client is judged
+        // by its answer to a ping, never by silence alone: while its
+        // session waited (its worker away, its lines held), the gateway
+        // read nothing from it, and its answers may be waiting unread.
+        let mut pinged_at: Option<Instant> = None;
         let mut at_message = reader.get_ref().bytes_read();
         let mut partial_since: Option<Instant> = None;
         let queue = &socket.queue;
@@ -123,12 +127,11 @@ pub fn run(
                     } else {
                         partial_since = None;
                     }
-                    let silent = now - heard;
-                    if silent >= timing.ping_interval + timing.pong_timeout {
+                    if pinged_at.is_some_and(|at| now - at >= timing.pong_timeout) {
                         break Some(CloseReason::Unresponsive.into());
                     }
-                    if silent >= timing.ping_interval && !pinged {
-                        pinged = true;
+                    if now - heard >= timing.ping_interval && pinged_at.is_none() {
+                        pinged_at = Some(now);
                         tokio::select! {
                             written = tokio::time::timeout(stall, writer.ping()) => match written {
                                 Ok(Ok(())) => {}
@@ -146,7 +149,7 @@ pub fn run(
                         // Anything whole from the client: it is alive, and no
                         // frame is half-sent.
                         heard = Instant::now();
-                        pinged = false;
+                        pinged_at = None;
                         at_message = reader.get_ref().bytes_read();
                         partial_since = None;
                     }
