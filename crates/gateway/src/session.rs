@@ -42,7 +42,7 @@ pub struct Timing {
     pub stall: Duration,
     /// A client silent this long is pinged...
     pub ping_interval: Duration,
-    /// ...and closed (1001) if it stays silent this much longer.
+    /// ...and closed (1001) if it answers no ping within this.
     pub pong_timeout: Duration,
     /// A frame begun and not finished within this closes the socket (1008).
     pub frame_timeout: Duration,
@@ -73,12 +73,7 @@ pub fn run(
         let check_every =
             (timing.frame_timeout.min(timing.ping_interval) / 2).max(Duration::from_millis(10));
         let mut next_check = Instant::now() + check_every;
-        let mut heard = Instant::now();
-        // When the ping to a silent client went out. A client is judged
-        // by its answer to a ping, never by silence alone: while its
-        // session waited (its worker away, its lines held), the gateway
-        // read nothing from it, and its answers may be waiting unread.
-        let mut pinged_at: Option<Instant> = None;
+        let mut alive = Alive::new(Instant::now());
         let mut at_message = reader.get_ref().bytes_read();
         let mut partial_since: Option<Instant> = None;
         let queue = &socket.queue;
@@ -98,9 +93,12 @@ pub fn run(
                     // Behind, and all written: fetch what was missed.
                     Ok(Next::Fetch(after)) => {
                         counters.fetch();
-                        Box::pin(upstream.fetch(&socket, after)).await
+                        let waited = Instant::now();
+                        Box::pin(upstream.fetch(&socket, after)).await;
+                        alive.excuse(waited);
                     }
                     Ok(Next::Frames) => {
+                        let waited = Instant::now();
                         // A write to a slow client may block; it must not keep the
                         // socket from being killed or drained.
                         tokio::select! {
@@ -112,6 +110,7 @@ pub fn run(
                             kill = queue.killed() => break Some(kill),
                             _ = &mut drained => break Some(CloseReason::GoingAway.into()),
                         }
+                        alive.excuse(waited);
                     }
                 },
                 _ = tokio::time::sleep_until(next_check) => {
@@ -127,12 +126,10 @@ pub fn run(
                     } else {
                         partial_since = None;
                     }
-                    if pinged_at.is_some_and(|at| now - at >= timing.pong_timeout) {
-                        break Some(CloseReason::Unresponsive.into());
-                    }
-                    if now - heard >= timing.ping_interval && pinged_at.is_none() {
-                        pinged_at = Some(now);
-                        tokio::select! {
+                    match alive.look(now, &timing) {
+                        Look::Fine => {}
+                        Look::Unresponsive => break Some(CloseReason::Unresponsive.into()),
+                        Look::Ping => tokio::select! {
                             written = tokio::time::timeout(stall, writer.ping()) => match written {
                                 Ok(Ok(())) => {}
                                 Ok(Err(_)) => break None,
@@ -140,16 +137,16 @@ pub fn run(
                             },
                             kill = queue.killed() => break Some(kill),
                             _ = &mut drained => break Some(CloseReason::GoingAway.into()),
-                        }
+                        },
                     }
+                    alive.excuse(now);
                 }
                 _ = tokio::time::sleep_until(throttle.unwrap_or_else(Instant::now)), if throttle.is_some() => {}
                 msg = reader.next(), if throttle.is_none() => {
                     if let Some(Ok(_)) = &msg {
                         // Anything whole from the client: it is alive, and no
                         // frame is half-sent.
-                        heard = Instant::now();
-                        pinged_at = None;
+                        alive.heard(Instant::now());
                         at_message = reader.get_ref().bytes_read();
                         partial_since = None;
                     }
@@ -160,11 +157,13 @@ pub fn run(
                         // Waits only while this client has too many frames in
                         // flight (its worker is away or slow): it is read no
                         // faster, and nobody else waits.
+                        let waited = Instant::now();
                         tokio::select! {
                             _ = Box::pin(upstream.send_frame(&socket, text.into())) => {}
                             kill = queue.killed() => break Some(kill),
                             _ = &mut drained => break Some(CloseReason::GoingAway.into()),
                         }
+                        alive.excuse(waited);
                     }
                     Some(Ok(Message::Binary(_))) => break Some(CloseReason::Binary.into()),
                     Some(Ok(Message::Ping(payload))) => {
@@ -172,6 +171,7 @@ pub fn run(
                         // any write, must not keep the socket from being killed:
                         // a client that pings and never reads fills its window.
                         limit.take();
+                        let waited = Instant::now();
                         tokio::select! {
                             written = tokio::time::timeout(stall, writer.pong(&payload)) => match written {
                                 Ok(Ok(())) => {}
@@ -181,6 +181,7 @@ pub fn run(
                             kill = queue.killed() => break Some(kill),
                             _ = &mut drained => break Some(CloseReason::GoingAway.into()),
                         }
+                        alive.excuse(waited);
                     }
                     Some(Ok(Message::Pong(_))) => limit.take(),
                     Some(Ok(Message::Frame(_))) => {}
@@ -212,6 +213,64 @@ pub fn run(
     }
 }
 
+/// What a session knows of its client's liveness. A client is judged by
+/// its answer to a ping, and only over time the session spent reading it:
+/// while the session waits on anything else (a write, a line waiting for
+/// room while its worker is away or slow, a fetch), it reads nothing from
+/// its client, whose answers may be waiting unread.
+struct Alive {
+    heard: Instant,
+    pinged_at: Option<Instant>,
+}
+
+/// What a look at a client's liveness found.
+#[derive(Debug, PartialEq, Eq)]
+enum Look {
+    Fine,
+    /// Silent for the ping interval: ping it now.
+    Ping,
+    /// Pinged, and silent for the pong timeout since.
+    Unresponsive,
+}
+
+impl Alive {
+    fn new(now: Instant) -> Self {
+        Alive {
+            heard: now,
+            pinged_at: None,
+        }
+    }
+
+    /// Something whole came from the client.
+    fn heard(&mut self, now: Instant) {
+        self.heard = now;
+        self.pinged_at = None;
+    }
+
+    /// The session read nothing from its client since `since`, for reasons
+    /// of its own: that time is not the client's silence.
+    fn excuse(&mut self, since: Instant) {
+        let waited = Instant::now().saturating_duration_since(since);
+        self.heard += waited;
+        if let Some(at) = &mut self.pinged_at {
+            *at += waited;
+        }
+    }
+
+    fn look(&mut self, now: Instant, timing: &Timing) -> Look {
+        match self.pinged_at {
+            Some(at) if now.saturating_duration_since(at) >= timing.pong_timeout => {
+                Look::Unresponsive
+            }
+            None if now.saturating_duration_since(self.heard) >= timing.ping_interval => {
+                self.pinged_at = Some(now);
+                Look::Ping
+            }
+            _ => Look::Fine,
+        }
+    }
+}
+
 /// The close we owe the client for a read error, or `None` when the
 /// connection is simply gone (a client going away is not an error).
 fn reason_for(e: &WsError) -> Option<CloseReason> {
@@ -221,5 +280,51 @@ fn reason_for(e: &WsError) -> Option<CloseReason> {
         WsError::Utf8(_) => Some(CloseReason::BadText),
         WsError::Protocol(_) => Some(CloseReason::Protocol),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMING: Timing = Timing {
+        stall: Duration::from_secs(30),
+        ping_interval: Duration::from_secs(25),
+        pong_timeout: Duration::from_secs(20),
+        frame_timeout: Duration::from_secs(10),
+    };
+
+    fn after(secs: u64) -> Instant {
+        Instant::now() + Duration::from_secs(secs)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_pinged_then_judged_by_its_answer() {
+        let mut alive = Alive::new(Instant::now());
+        assert_eq!(alive.look(after(24), &TIMING), Look::Fine);
+        assert_eq!(alive.look(after(25), &TIMING), Look::Ping);
+        assert_eq!(alive.look(after(44), &TIMING), Look::Fine);
+        assert_eq!(alive.look(after(45), &TIMING), Look::Unresponsive);
+        alive.heard(after(45));
+        assert_eq!(alive.look(after(50), &TIMING), Look::Fine);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_the_session_spent_waiting_is_not_the_clients_silence() {
+        let mut alive = Alive::new(Instant::now());
+        // A line waited 60 s for room: the client was not read meanwhile.
+        let waited = Instant::now();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        alive.excuse(waited);
+        assert_eq!(alive.look(Instant::now(), &TIMING), Look::Fine);
+        // Pinged, then a fetch waited 30 s: the answer may be unread.
+        tokio::time::advance(Duration::from_secs(25)).await;
+        assert_eq!(alive.look(Instant::now(), &TIMING), Look::Ping);
+        let waited = Instant::now();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        alive.excuse(waited);
+        assert_eq!(alive.look(Instant::now(), &TIMING), Look::Fine);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(alive.look(Instant::now(), &TIMING), Look::Unresponsive);
     }
 }
