@@ -151,7 +151,15 @@ pub async fn run(
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
             _ = status.tick() => {
-                info!(sockets = gateway.open_sockets(), linked = gateway.upstream.linked(), "gateway status");
+                let (behind, fetching, unserved) = gateway.upstream.socket_states();
+                info!(
+                    sockets = gateway.open_sockets(),
+                    linked = gateway.upstream.linked(),
+                    behind,
+                    fetching,
+                    unserved,
+                    "gateway status"
+                );
                 continue;
             }
             accepted = listener.accept() => match accepted {

@@ -262,6 +262,13 @@ impl SocketQueue {
         result
     }
 
+    /// Whether the socket is behind (catching up from the log), and
+    /// whether a fetch for it is on its way; for the status log.
+    pub fn catching_up(&self) -> (bool, bool) {
+        let st = self.state();
+        (st.behind, st.fetching)
+    }
+
     /// Where the socket is in the log: a re-attached socket replays from
     /// here. A socket that is behind fetches again after the re-attach.
     pub fn place(&self) -> Place {

@@ -319,6 +319,21 @@ impl Upstream {
         self.ready()
     }
 
+    /// How many sockets are behind, have a fetch on its way, or have no
+    /// worker now (detached or moving); for the status log, which is how
+    /// a socket left without messages shows.
+    pub fn socket_states(&self) -> (usize, usize, usize) {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let (mut behind, mut fetching, mut unserved) = (0, 0, 0);
+        for socket in table.values() {
+            let (b, f) = socket.queue.catching_up();
+            behind += usize::from(b);
+            fetching += usize::from(f);
+            unserved += usize::from(matches!(socket.route(), Route::Moving | Route::Detached(_)));
+        }
+        (behind, fetching, unserved)
+    }
+
     pub fn socket_count(&self) -> usize {
         self.table.read().unwrap_or_else(|e| e.into_inner()).len()
     }
