@@ -342,6 +342,7 @@ both_modes!(
     a_worker_killed_mid_traffic_closes_no_socket,
     a_rolling_restart_of_every_worker_closes_nothing,
     an_embedded_worker_killed_and_restarted_closes_no_socket,
+    an_only_worker_stopped_and_started_again_closes_no_socket,
     a_socket_sent_no_message_yet_misses_none_when_its_worker_hangs,
 );
 
@@ -493,6 +494,29 @@ async fn an_embedded_worker_killed_and_restarted_closes_no_socket(mode: Mode) {
     check_everyone_saw(&peers, &sent).await;
     let marks = list_marks(&peers);
     stack.workers[0].proc.kill();
+    sent.extend(chat(&mut peers, 3, Duration::from_millis(20), "during").await);
+    stack.restart_worker(0).await;
+    sent.extend(chat(&mut peers, 5, Duration::from_millis(20), "after").await);
+    check_everyone_saw(&peers, &sent).await;
+    wait_lists(&peers, &names).await;
+    assert_no_flap(&peers, &marks, &names);
+}
+
+/// The only worker, upgraded in place (SIGTERM, then started again): with
+/// no other worker to hand its sockets to, it lets them go at once and
+/// exits long before its drain grace, and the gateway holds them, and what
+/// their clients send, until the new process is up.
+async fn an_only_worker_stopped_and_started_again_closes_no_socket(mode: Mode) {
+    let mut stack = Stack::start_with(mode, false, 1, 1, &["--drain-grace-secs", "60"]).await;
+    let (mut peers, names) = stack.peers(4).await;
+    let mut sent = chat(&mut peers, 5, Duration::from_millis(20), "before").await;
+    check_everyone_saw(&peers, &sent).await;
+    let marks = list_marks(&peers);
+    let status = stack.workers[0]
+        .proc
+        .terminate(Duration::from_secs(15))
+        .await;
+    assert_eq!(status, Some(0), "the worker drained and exited cleanly");
     sent.extend(chat(&mut peers, 3, Duration::from_millis(20), "during").await);
     stack.restart_worker(0).await;
     sent.extend(chat(&mut peers, 5, Duration::from_millis(20), "after").await);
