@@ -488,18 +488,7 @@ async fn a_draining_worker_serves_its_sockets_until_they_have_moved() {
 /// One worker on the embedded log, SIGKILLed and started again: the
 /// gateway holds every socket and what their clients sent meanwhile.
 async fn an_embedded_worker_killed_and_restarted_closes_no_socket(mode: Mode) {
-    let mut stack = Stack::start(mode, false, 1, 1).await;
-    let (mut peers, names) = stack.peers(4).await;
-    let mut sent = chat(&mut peers, 5, Duration::from_millis(20), "before").await;
-    check_everyone_saw(&peers, &sent).await;
-    let marks = list_marks(&peers);
-    stack.workers[0].proc.kill();
-    sent.extend(chat(&mut peers, 3, Duration::from_millis(20), "during").await);
-    stack.restart_worker(0).await;
-    sent.extend(chat(&mut peers, 5, Duration::from_millis(20), "after").await);
-    check_everyone_saw(&peers, &sent).await;
-    wait_lists(&peers, &names).await;
-    assert_no_flap(&peers, &marks, &names);
+    the_only_worker_away_and_back(mode, Away::Killed).await;
 }
 
 /// The only worker, upgraded in place (SIGTERM, then started again): with
@@ -507,16 +496,35 @@ async fn an_embedded_worker_killed_and_restarted_closes_no_socket(mode: Mode) {
 /// exits long before its drain grace, and the gateway holds them, and what
 /// their clients send, until the new process is up.
 async fn an_only_worker_stopped_and_started_again_closes_no_socket(mode: Mode) {
+    the_only_worker_away_and_back(mode, Away::Stopped).await;
+}
+
+/// How the only worker goes away.
+enum Away {
+    /// SIGKILL.
+    Killed,
+    /// SIGTERM, waiting for a clean exit.
+    Stopped,
+}
+
+/// The only worker, on the embedded log, goes away while clients post and
+/// is started again: nothing closes, nothing is lost, the lists hold.
+async fn the_only_worker_away_and_back(mode: Mode, away: Away) {
     let mut stack = Stack::start_with(mode, false, 1, 1, &["--drain-grace-secs", "60"]).await;
     let (mut peers, names) = stack.peers(4).await;
     let mut sent = chat(&mut peers, 5, Duration::from_millis(20), "before").await;
     check_everyone_saw(&peers, &sent).await;
     let marks = list_marks(&peers);
-    let status = stack.workers[0]
-        .proc
-        .terminate(Duration::from_secs(15))
-        .await;
-    assert_eq!(status, Some(0), "the worker drained and exited cleanly");
+    match away {
+        Away::Killed => stack.workers[0].proc.kill(),
+        Away::Stopped => {
+            let status = stack.workers[0]
+                .proc
+                .terminate(Duration::from_secs(15))
+                .await;
+            assert_eq!(status, Some(0), "the worker drained and exited cleanly");
+        }
+    }
     sent.extend(chat(&mut peers, 3, Duration::from_millis(20), "during").await);
     stack.restart_worker(0).await;
     sent.extend(chat(&mut peers, 5, Duration::from_millis(20), "after").await);

@@ -93,12 +93,9 @@ pub fn run(
                     // Behind, and all written: fetch what was missed.
                     Ok(Next::Fetch(after)) => {
                         counters.fetch();
-                        let waited = Instant::now();
-                        Box::pin(upstream.fetch(&socket, after)).await;
-                        alive.excuse(waited);
+                        Box::pin(upstream.fetch(&socket, after)).await
                     }
                     Ok(Next::Frames) => {
-                        let waited = Instant::now();
                         // A write to a slow client may block; it must not keep the
                         // socket from being killed or drained.
                         tokio::select! {
@@ -110,10 +107,14 @@ pub fn run(
                             kill = queue.killed() => break Some(kill),
                             _ = &mut drained => break Some(CloseReason::GoingAway.into()),
                         }
-                        alive.excuse(waited);
                     }
                 },
                 _ = tokio::time::sleep_until(next_check) => {
+                    // A look that comes late found the session busy
+                    // elsewhere (a write, a line waiting for room, a fetch,
+                    // a ping, a busy runtime), reading nothing from its
+                    // client meanwhile.
+                    alive.excuse(next_check);
                     let now = Instant::now();
                     next_check = now + check_every;
                     // Bytes came in since the last whole frame and no frame
@@ -139,7 +140,6 @@ pub fn run(
                             _ = &mut drained => break Some(CloseReason::GoingAway.into()),
                         },
                     }
-                    alive.excuse(now);
                 }
                 _ = tokio::time::sleep_until(throttle.unwrap_or_else(Instant::now)), if throttle.is_some() => {}
                 msg = reader.next(), if throttle.is_none() => {
@@ -157,13 +157,11 @@ pub fn run(
                         // Waits only while this client has too many frames in
                         // flight (its worker is away or slow): it is read no
                         // faster, and nobody else waits.
-                        let waited = Instant::now();
                         tokio::select! {
                             _ = Box::pin(upstream.send_frame(&socket, text.into())) => {}
                             kill = queue.killed() => break Some(kill),
                             _ = &mut drained => break Some(CloseReason::GoingAway.into()),
                         }
-                        alive.excuse(waited);
                     }
                     Some(Ok(Message::Binary(_))) => break Some(CloseReason::Binary.into()),
                     Some(Ok(Message::Ping(payload))) => {
@@ -171,7 +169,6 @@ pub fn run(
                         // any write, must not keep the socket from being killed:
                         // a client that pings and never reads fills its window.
                         limit.take();
-                        let waited = Instant::now();
                         tokio::select! {
                             written = tokio::time::timeout(stall, writer.pong(&payload)) => match written {
                                 Ok(Ok(())) => {}
@@ -181,7 +178,6 @@ pub fn run(
                             kill = queue.killed() => break Some(kill),
                             _ = &mut drained => break Some(CloseReason::GoingAway.into()),
                         }
-                        alive.excuse(waited);
                     }
                     Some(Ok(Message::Pong(_))) => limit.take(),
                     Some(Ok(Message::Frame(_))) => {}
@@ -217,7 +213,9 @@ pub fn run(
 /// its answer to a ping, and only over time the session spent reading it:
 /// while the session waits on anything else (a write, a line waiting for
 /// room while its worker is away or slow, a fetch), it reads nothing from
-/// its client, whose answers may be waiting unread.
+/// its client, whose answers may be waiting unread. The session's look
+/// comes late then, and the lateness is excused: at most one look's
+/// interval of such a wait still counts.
 struct Alive {
     heard: Instant,
     pinged_at: Option<Instant>,

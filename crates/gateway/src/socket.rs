@@ -78,8 +78,10 @@ pub enum Route {
     /// also handle: a post's idempotency key stores it once.
     Leaving { from: StreamHandle, moving: bool },
     /// Being (re-)attached: frames wait in `unacked` and are sent by the
-    /// attaching task, in order, before the socket is `Attached`.
-    Moving,
+    /// attaching task, in order, before the socket is `Attached`. A socket
+    /// being re-attached keeps when it lost its worker, so that a failed
+    /// move does not start its wait for a worker again.
+    Moving { lost_at: Option<Instant> },
     /// No worker serves the socket since this instant (when it lost its
     /// worker: a failed re-attach does not start the wait again).
     Detached(Instant),
@@ -100,17 +102,7 @@ struct Up {
     unacked: VecDeque<(u64, Bytes)>,
     parked: Bytes,
     route: Route,
-    /// When the socket lost its worker, while it has none: kept across
-    /// failed moves, so that the re-attach grace counts from the loss.
-    lost_at: Option<Instant>,
     closed: bool,
-}
-
-impl Up {
-    /// No worker serves the socket (since it lost its last one).
-    fn detach(&mut self) {
-        self.route = Route::Detached(*self.lost_at.get_or_insert_with(Instant::now));
-    }
 }
 
 /// How an attach ended (see [`Socket::finish_move`]).
@@ -139,8 +131,7 @@ impl Socket {
                 next_seq: 1,
                 unacked: VecDeque::new(),
                 parked: Bytes::new(),
-                route: Route::Moving,
-                lost_at: None,
+                route: Route::Moving { lost_at: None },
                 closed: false,
             }),
             room: Notify::new(),
@@ -193,6 +184,11 @@ impl Socket {
         self.up().route.clone()
     }
 
+    /// Whether a worker serves the socket now (not moving or detached).
+    pub fn is_served(&self) -> bool {
+        matches!(self.up().route, Route::Attached(_) | Route::Leaving { .. })
+    }
+
     pub fn is_closed(&self) -> bool {
         self.up().closed
     }
@@ -204,12 +200,12 @@ impl Socket {
         let mut up = self.up();
         match &up.route {
             Route::Attached(s) if s.id == stream_id && !up.closed => {
-                up.detach();
+                up.route = Route::Detached(Instant::now());
                 true
             }
             Route::Leaving { from, .. } if from.id == stream_id => {
                 from.left();
-                up.detach();
+                up.route = Route::Detached(Instant::now());
                 false
             }
             _ => false,
@@ -240,8 +236,11 @@ impl Socket {
         let mut up = self.up();
         match &mut up.route {
             Route::Leaving { moving, .. } => *moving = false,
+            Route::Moving { lost_at } => {
+                up.route = Route::Detached(lost_at.unwrap_or_else(Instant::now));
+            }
+            Route::Attached(_) => up.route = Route::Detached(Instant::now()),
             Route::Detached(_) => {}
-            _ => up.detach(),
         }
     }
 
@@ -252,7 +251,11 @@ impl Socket {
             return None;
         }
         match &mut up.route {
-            Route::Detached(_) => up.route = Route::Moving,
+            Route::Detached(since) => {
+                up.route = Route::Moving {
+                    lost_at: Some(*since),
+                }
+            }
             Route::Leaving { moving, .. } if !*moving => *moving = true,
             _ => return None,
         }
@@ -280,7 +283,6 @@ impl Socket {
             .collect();
         if newer.is_empty() {
             let before = std::mem::replace(&mut up.route, Route::Attached(stream.clone()));
-            up.lost_at = None;
             // Served by the new stream now: the old one may end.
             if let Route::Leaving { from, .. } = before {
                 from.left();
@@ -297,7 +299,7 @@ impl Socket {
     pub fn close(&self) -> Route {
         let mut up = self.up();
         up.closed = true;
-        let route = std::mem::replace(&mut up.route, Route::Moving);
+        let route = std::mem::replace(&mut up.route, Route::Moving { lost_at: None });
         drop(up);
         self.room.notify_one();
         route

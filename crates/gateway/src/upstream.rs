@@ -329,7 +329,7 @@ impl Upstream {
             let (b, f) = socket.queue.catching_up();
             behind += usize::from(b);
             fetching += usize::from(f);
-            unserved += usize::from(matches!(socket.route(), Route::Moving | Route::Detached(_)));
+            unserved += usize::from(!socket.is_served());
         }
         (behind, fetching, unserved)
     }
@@ -712,7 +712,7 @@ impl Upstream {
                 let _ = from.events.send(close).await;
                 from.left();
             }
-            Route::Moving | Route::Detached(_) => {
+            Route::Moving { .. } | Route::Detached(_) => {
                 self.pending_closes
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
