@@ -95,7 +95,10 @@ pub async fn handle(
                 text(StatusCode::SERVICE_UNAVAILABLE, "no worker linked\n")
             }
         }
-        (&Method::GET, "/metrics") => match metrics::scrape(gateway.upstream.link_queues()) {
+        (&Method::GET, "/metrics") => match metrics::scrape(
+            gateway.upstream.link_queues(),
+            gateway.upstream.socket_states(),
+        ) {
             Some(page) => {
                 let mut r = Response::new(Full::new(Bytes::from(page)));
                 r.headers_mut().insert(

@@ -151,13 +151,13 @@ pub async fn run(
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
             _ = status.tick() => {
-                let (behind, fetching, unserved) = gateway.upstream.socket_states();
+                let states = gateway.upstream.socket_states();
                 info!(
                     sockets = gateway.open_sockets(),
                     linked = gateway.upstream.linked(),
-                    behind,
-                    fetching,
-                    unserved,
+                    behind = states.behind,
+                    fetching = states.fetching,
+                    unserved = states.unserved,
                     "gateway status"
                 );
                 continue;

@@ -7,7 +7,8 @@
 //! ([`SessionCounters`]) so that a frame costs an atomic add and no lookup.
 //!
 //! Gauges are kept current where things change, except the link queue
-//! depth, which is sampled when `/metrics` is scraped.
+//! depth and the sockets catching up, which are sampled when `/metrics` is
+//! scraped.
 
 use std::net::SocketAddr;
 
@@ -27,12 +28,19 @@ pub const SOCKETS_REATTACHED: &str = "sharedconn_gateway_sockets_reattached_tota
 pub const SOCKETS_WAITING: &str = "sharedconn_gateway_sockets_waiting";
 pub const LINK_QUEUE_DEPTH: &str = "sharedconn_gateway_link_queue_depth";
 pub const LINK_READS_BEHIND: &str = "sharedconn_gateway_link_reads_behind_total";
+pub const SOCKETS_BEHIND: &str = "sharedconn_gateway_sockets_behind";
+pub const SOCKETS_FETCHING: &str = "sharedconn_gateway_sockets_fetching";
 
 /// Registers the help text of every gateway metric, and the unlabelled ones
 /// at zero so that a chart shows 0 rather than nothing (once the recorder is
 /// installed; without one it does nothing).
 pub fn describe() {
-    for name in [OPEN_SOCKETS, SOCKETS_WAITING] {
+    for name in [
+        OPEN_SOCKETS,
+        SOCKETS_WAITING,
+        SOCKETS_BEHIND,
+        SOCKETS_FETCHING,
+    ] {
         gauge!(name).increment(0);
     }
     for name in [
@@ -89,6 +97,14 @@ pub fn describe() {
     describe_counter!(
         LINK_READS_BEHIND,
         "times a worker's data waited unread past the link timeout: the gateway was too busy to read, the worker was live (not cut)"
+    );
+    describe_gauge!(
+        SOCKETS_BEHIND,
+        "sockets that fell behind and catch up from the log, sampled at scrape"
+    );
+    describe_gauge!(
+        SOCKETS_FETCHING,
+        "sockets with a fetch of missed messages on its way to their worker, sampled at scrape"
     );
     describe_gauge!(
         LINK_QUEUE_DEPTH,
@@ -171,13 +187,32 @@ pub fn sockets_waiting(n: usize) {
     gauge!(SOCKETS_WAITING).set(n as f64);
 }
 
-/// Samples what is only read at scrape time (the link queues), then renders
-/// every metric of the process; `None` when no recorder is installed.
-pub fn scrape(link_queues: impl IntoIterator<Item = (SocketAddr, usize)>) -> Option<String> {
+/// Samples what is only read at scrape time (the link queues, the sockets
+/// catching up), then renders every metric of the process; `None` when no
+/// recorder is installed.
+pub fn scrape(
+    link_queues: impl IntoIterator<Item = (SocketAddr, usize)>,
+    states: SocketStates,
+) -> Option<String> {
     for (worker, depth) in link_queues {
         gauge!(LINK_QUEUE_DEPTH, "worker" => worker.to_string()).set(depth as f64);
     }
+    gauge!(SOCKETS_BEHIND).set(states.behind as f64);
+    gauge!(SOCKETS_FETCHING).set(states.fetching as f64);
     sharedconn_common::metrics::render()
+}
+
+/// How many of a gateway's sockets are in each state that keeps messages
+/// from them for a while; a count that stays up is sockets left without
+/// messages.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SocketStates {
+    /// Fell behind, catching up from the log.
+    pub behind: usize,
+    /// A fetch of missed messages on its way to their worker.
+    pub fetching: usize,
+    /// No worker now (detached, or being attached).
+    pub unserved: usize,
 }
 
 /// One session's per-frame counters, looked up once when it starts.

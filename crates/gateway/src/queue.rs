@@ -14,6 +14,13 @@
 //! ([`Next::Fetch`]) until it is caught up. So a slow reader still sees every
 //! message, in order, once; it only sees them later.
 //!
+//! Two kinds of frame are never dropped that way. A socket's Status frame
+//! (its WebSocket ID, the first frame it gets) stays through an overflow:
+//! nothing would send it again. And a state frame (the online list) that is
+//! still queued when a newer one comes is replaced by it: a client that
+//! reads slowly gets the newest list, not every list in between, and its
+//! chat is not held up behind lists nobody will look at.
+//!
 //! An idle socket's queue is a few dozen bytes (an empty `VecDeque` does not
 //! allocate), which matters at 100,000 sockets per gateway; a channel would
 //! allocate a block of slots up front for every socket.
@@ -101,9 +108,20 @@ pub struct SocketQueue {
     limits: Limits,
 }
 
+/// What a queued frame is, for what may replace or drop it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A socket's Status frame: kept through an overflow.
+    Start,
+    /// A whole state (the online list): replaced by a newer one.
+    State,
+    /// Anything else (a chat message carries its id beside it).
+    Other,
+}
+
 #[derive(Default)]
 struct State {
-    frames: VecDeque<(Utf8Bytes, u64)>,
+    frames: VecDeque<(Utf8Bytes, u64, Kind)>,
     bytes: usize,
     kill: Option<Kill>,
     last_id: u64,
@@ -123,6 +141,15 @@ struct State {
 }
 
 impl State {
+    /// Drops the queued frames of one kind.
+    fn drop_queued(&mut self, kind: Kind) {
+        let before = self.frames.len();
+        self.frames.retain(|(_, _, k)| *k != kind);
+        if self.frames.len() != before {
+            self.bytes = self.frames.iter().map(|(text, ..)| text.len()).sum();
+        }
+    }
+
     /// No fetch for a while: `FETCH_RETRY`, doubled for each pause in a
     /// row, and stretched by up to as much again at random, so that the
     /// sockets a re-attach or an unreadable log left behind together do not
@@ -197,23 +224,42 @@ impl SocketQueue {
                 st.last_id = 0;
                 st.written_id = d.place;
                 st.behind = false;
+                // A Status for an older log, not yet written, is stale.
+                st.drop_queued(Kind::Start);
             }
+            let last = d.texts.len().saturating_sub(1);
             let mut result = Push::Queued;
             for (i, text) in d.texts.iter().enumerate() {
                 let id = d.ids.get(i).copied().unwrap_or(0);
                 if id != 0 && (id <= st.last_id || (st.behind && !d.fetched)) {
                     continue;
                 }
+                let kind = if starts && i == 0 {
+                    Kind::Start
+                } else if d.version != 0 && i == last {
+                    Kind::State
+                } else {
+                    Kind::Other
+                };
+                if kind == Kind::State {
+                    // The newer list makes a queued one worthless.
+                    st.drop_queued(Kind::State);
+                }
                 let full = st.frames.len() >= self.limits.frames
                     || st.bytes + text.len() > self.limits.bytes;
                 if full {
                     if id == 0 && st.behind {
                         // No room for a list while catching up; a newer
-                        // one follows the next change.
+                        // one follows the next change (or the re-attach,
+                        // which sees that none is queued).
+                        if kind == Kind::State {
+                            st.version = 0;
+                        }
                         continue;
                     }
-                    st.frames.clear();
-                    st.bytes = 0;
+                    // Only a Status not yet written stays.
+                    st.frames.retain(|(_, _, kind)| *kind == Kind::Start);
+                    st.bytes = st.frames.iter().map(|(text, ..)| text.len()).sum();
                     // A queued list may have gone with the rest.
                     st.version = 0;
                     st.last_id = st.written_id;
@@ -226,7 +272,7 @@ impl SocketQueue {
                     }
                 }
                 st.bytes += text.len();
-                st.frames.push_back((text.clone(), id));
+                st.frames.push_back((text.clone(), id, kind));
                 if id != 0 {
                     st.last_id = id;
                 }
@@ -309,15 +355,16 @@ impl SocketQueue {
                 }
                 if !st.frames.is_empty() {
                     let n = st.frames.len().min(max);
-                    let mut written = st.written_id;
-                    for (text, id) in st.frames.drain(..n) {
+                    let (mut written, mut bytes) = (st.written_id, 0);
+                    for (text, id, _) in st.frames.drain(..n) {
                         // Never below the socket's place: the history a new
                         // socket is shown is older than what it is owed.
                         written = written.max(id);
+                        bytes += text.len();
                         batch.push(text);
                     }
                     st.written_id = written;
-                    st.bytes -= batch.iter().map(|t| t.len()).sum::<usize>();
+                    st.bytes -= bytes;
                     // Give back memory a burst left behind.
                     if st.frames.is_empty() && st.frames.capacity() > 64 {
                         st.frames = VecDeque::new();
@@ -598,15 +645,73 @@ mod tests {
         start(&q, &["status", "9", "10"], &[0, 9, 10], ("log", 10), false);
         assert_eq!(q.place().last_id, 10);
         // Its queue overflows before anything is written: it fetches from
-        // its place, not from the start of the log.
+        // its place, not from the start of the log, once it has its Status.
         assert_eq!(chat(&q, &[11, 12], false, false), Push::Behind);
         let mut batch = Vec::new();
+        assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Frames));
+        assert_eq!(batch, ["status"].map(Utf8Bytes::from));
         assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(10)));
 
         // A page that reconnects with what it has: owed everything after it.
         let q = SocketQueue::new(limits);
         start(&q, &["status", "4"], &[0, 4], ("log", 3), false);
         assert_eq!(chat(&q, &[5, 6], false, false), Push::Behind);
+        q.next(&mut batch, 10).await.unwrap();
         assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(3)));
+    }
+
+    /// Queues the online list `text` at state `version`.
+    fn list(q: &SocketQueue, text: &str, version: u64) -> Push {
+        q.deliver(&Delivery {
+            texts: &[text.into()],
+            ids: &[0],
+            log: "",
+            fetched: false,
+            complete: false,
+            version,
+            place: 0,
+            behind: false,
+        })
+    }
+
+    /// A client that reads slowly gets the newest list, not each one in
+    /// between, and its messages do not wait behind the stale ones.
+    #[tokio::test]
+    async fn a_newer_list_replaces_a_queued_one() {
+        let q = SocketQueue::new(Limits {
+            frames: 4,
+            bytes: 1 << 20,
+        });
+        start(&q, &["status"], &[0], ("log", 0), false);
+        list(&q, "list 1", 1);
+        chat(&q, &[1], false, false);
+        list(&q, "list 2", 2);
+        list(&q, "list 3", 3);
+        chat(&q, &[2], false, false);
+        let mut batch = Vec::new();
+        q.next(&mut batch, 10).await.unwrap();
+        assert_eq!(batch, ["status", "1", "list 3", "2"].map(Utf8Bytes::from));
+        assert_eq!(q.place().version, 3);
+        // A written list is the client's: the next one is queued anew.
+        list(&q, "list 4", 4);
+        batch.clear();
+        q.next(&mut batch, 10).await.unwrap();
+        assert_eq!(batch, ["list 4"].map(Utf8Bytes::from));
+    }
+
+    /// The Status frame carries the socket's WebSocket ID and nothing sends
+    /// it again: an overflow before it was written keeps it.
+    #[tokio::test]
+    async fn a_status_not_yet_written_outlives_an_overflow() {
+        let q = SocketQueue::new(LIMITS);
+        start(&q, &["status"], &[0], ("log", 0), false);
+        assert_eq!(list(&q, "list 1", 1), Push::Queued);
+        assert_eq!(chat(&q, &[1, 2], false, false), Push::Behind);
+        let mut batch = Vec::new();
+        q.next(&mut batch, 10).await.unwrap();
+        assert_eq!(batch, ["status"].map(Utf8Bytes::from));
+        assert_eq!(q.next(&mut batch, 10).await, Ok(Next::Fetch(0)));
+        // The list went with the overflow: a re-attach asks for it again.
+        assert_eq!(q.place().version, 0);
     }
 }

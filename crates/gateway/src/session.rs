@@ -31,6 +31,9 @@ use crate::upstream::Upstream;
 const WRITE_BATCH: usize = 64;
 /// How long a close handshake may take before the socket is just dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A look this late is logged (at debug), with what the session last
+/// waited on: a socket whose messages come late shows why.
+const LATE_LOOK: Duration = Duration::from_secs(1);
 
 /// The client's frames, parsed and checked by tungstenite.
 pub type Reader = WebSocketStream<ReadHalf>;
@@ -79,6 +82,8 @@ pub fn run(
         let queue = &socket.queue;
         let ws_id = socket.ws_id;
         let counters = SessionCounters::new();
+        // What the session last waited on, besides its client and queue.
+        let mut waited_on = "nothing";
         // One waiter for the whole session: the token is shared by every socket,
         // and a fresh `cancelled()` each turn would lock its waiter list each turn.
         let drained = drain.cancelled_owned();
@@ -93,11 +98,13 @@ pub fn run(
                     // Behind, and all written: fetch what was missed.
                     Ok(Next::Fetch(after)) => {
                         counters.fetch();
+                        waited_on = "a fetch";
                         Box::pin(upstream.fetch(&socket, after)).await
                     }
                     Ok(Next::Frames) => {
                         // A write to a slow client may block; it must not keep the
                         // socket from being killed or drained.
+                        waited_on = "a write";
                         tokio::select! {
                             written = tokio::time::timeout(stall, writer.text(&batch)) => match written {
                                 Ok(Ok(())) => counters.written(&batch),
@@ -114,7 +121,10 @@ pub fn run(
                     // elsewhere (a write, a line waiting for room, a fetch,
                     // a ping, a busy runtime), reading nothing from its
                     // client meanwhile.
-                    alive.excuse(next_check);
+                    let late = alive.excuse(next_check);
+                    if late >= LATE_LOOK {
+                        debug!(ws_id, late_ms = late.as_millis() as u64, waited_on, "session was busy, its client unread");
+                    }
                     let now = Instant::now();
                     next_check = now + check_every;
                     // Bytes came in since the last whole frame and no frame
@@ -157,6 +167,7 @@ pub fn run(
                         // Waits only while this client has too many frames in
                         // flight (its worker is away or slow): it is read no
                         // faster, and nobody else waits.
+                        waited_on = "a line";
                         tokio::select! {
                             _ = Box::pin(upstream.send_frame(&socket, text.into())) => {}
                             kill = queue.killed() => break Some(kill),
@@ -169,6 +180,7 @@ pub fn run(
                         // any write, must not keep the socket from being killed:
                         // a client that pings and never reads fills its window.
                         limit.take();
+                        waited_on = "a pong";
                         tokio::select! {
                             written = tokio::time::timeout(stall, writer.pong(&payload)) => match written {
                                 Ok(Ok(())) => {}
@@ -246,13 +258,14 @@ impl Alive {
     }
 
     /// The session read nothing from its client since `since`, for reasons
-    /// of its own: that time is not the client's silence.
-    fn excuse(&mut self, since: Instant) {
+    /// of its own: that time is not the client's silence. Returns it.
+    fn excuse(&mut self, since: Instant) -> Duration {
         let waited = Instant::now().saturating_duration_since(since);
         self.heard += waited;
         if let Some(at) = &mut self.pinged_at {
             *at += waited;
         }
+        waited
     }
 
     fn look(&mut self, now: Instant, timing: &Timing) -> Look {

@@ -42,6 +42,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{Config, Mode};
 use crate::error::{CloseReason, Error};
 use crate::liveness::Watchdog;
+use crate::metrics::SocketStates;
 use crate::queue::{Delivery, Kill, Limits};
 use crate::socket::{Finish, Resume, Route, Socket, StreamHandle};
 
@@ -320,18 +321,18 @@ impl Upstream {
     }
 
     /// How many sockets are behind, have a fetch on its way, or have no
-    /// worker now (detached or moving); for the status log, which is how
-    /// a socket left without messages shows.
-    pub fn socket_states(&self) -> (usize, usize, usize) {
+    /// worker now (detached or moving); for the status log and `/metrics`,
+    /// which is how a socket left without messages shows.
+    pub fn socket_states(&self) -> SocketStates {
         let table = self.table.read().unwrap_or_else(|e| e.into_inner());
-        let (mut behind, mut fetching, mut unserved) = (0, 0, 0);
+        let mut states = SocketStates::default();
         for socket in table.values() {
-            let (b, f) = socket.queue.catching_up();
-            behind += usize::from(b);
-            fetching += usize::from(f);
-            unserved += usize::from(!socket.is_served());
+            let (behind, fetching) = socket.queue.catching_up();
+            states.behind += usize::from(behind);
+            states.fetching += usize::from(fetching);
+            states.unserved += usize::from(!socket.is_served());
         }
-        (behind, fetching, unserved)
+        states
     }
 
     pub fn socket_count(&self) -> usize {

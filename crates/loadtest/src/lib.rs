@@ -28,6 +28,7 @@ pub mod chart;
 pub mod cli;
 pub mod client;
 pub mod compare;
+pub mod kernel;
 pub mod launch;
 pub mod net;
 pub mod procstat;

@@ -104,6 +104,14 @@ impl RunBook {
             .count() as u64
     }
 
+    /// Whether some client received planned message `g` (a sender that
+    /// never connected leaves its share of the plan unsent).
+    pub fn seen_by_any(&self, g: u64) -> bool {
+        self.ids
+            .get(g as usize)
+            .is_some_and(|id| id.load(Ordering::Relaxed) != 0)
+    }
+
     /// All clients' latencies merged.
     pub fn latency(&self) -> Histogram<u64> {
         let mut all = Histogram::new_with_bounds(1, LATENCY_MAX_US, 3)

@@ -424,7 +424,7 @@ async fn non_reader_session(
     let tally = &ctx.non_reader_connect;
     // Like the readers: one that would join after sending began is not part of the run.
     let wanted = || !ctx.stop.is_cancelled() && go.borrow().is_none();
-    let Some(mut ws) = connect_client_with_recv_buffer(
+    let Some((mut ws, _)) = connect_client_with_recv_buffer(
         i,
         &ctx.setup,
         &ctx.connect_slots,
@@ -520,7 +520,8 @@ async fn client_session(
 ) -> Option<ClientTally> {
     // Clients that would join after sending began are not part of the run.
     let wanted = || !ctx.stop.is_cancelled() && go.borrow().is_none();
-    let mut ws = connect_client(i, &ctx.setup, &ctx.connect_slots, &ctx.connect, wanted).await?;
+    let (mut ws, _) =
+        connect_client(i, &ctx.setup, &ctx.connect_slots, &ctx.connect, wanted).await?;
     if go.borrow().is_some() {
         ctx.connect
             .fail(&anyhow::anyhow!("connected only after sending began"));

@@ -39,6 +39,7 @@ use super::{
     wait_until,
 };
 use crate::cli::{FailoverArgs, Fault};
+use crate::kernel::TcpTrouble;
 use crate::launch::{Stack, free_port};
 use crate::procstat::{Watched, sample};
 use crate::progress::Progress;
@@ -161,6 +162,10 @@ pub struct FailoverReport {
     /// Connect failures by kind (see `ConnectReport::errors`).
     #[serde(default)]
     pub connect_errors: std::collections::BTreeMap<String, usize>,
+    /// What the machine's TCP dropped and sent again during the run, all
+    /// processes together (see [`crate::kernel`]); `None` where unreadable.
+    #[serde(default)]
+    pub tcp: Option<TcpTrouble>,
 }
 
 /// Every run of one invocation, as written to JSON.
@@ -318,11 +323,16 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("static histogram bounds are valid")
 }
 
+/// A delivery this late is named in the log, with its client.
+const SLOW_DELIVERY_US: u64 = 2_000_000;
+
 /// What one socket saw around the fault.
 #[derive(Debug, Default)]
 struct Around {
     first_frame_nanos: Option<u64>,
     first_new_post_nanos: Option<u64>,
+    /// The slowest delivery to this client, and when its post was sent.
+    slowest: Option<(u64, u64)>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -357,6 +367,7 @@ async fn measure(
     quiet: bool,
     stack: &mut Stack,
 ) -> anyhow::Result<FailoverReport> {
+    let tcp_before = TcpTrouble::read();
     let redis = stack
         .start_redis(&log_dir.join(format!("{tag}-redis.log")), STARTUP_TIMEOUT)
         .await?;
@@ -592,6 +603,18 @@ async fn measure(
     .await;
     let drain_secs = drain_start.elapsed().as_secs_f64();
     let drain_went_quiet = ctx.book.delivered() < expected;
+    let tcp = TcpTrouble::read()
+        .zip(tcp_before)
+        .map(|(now, before)| now.since(&before));
+    if let Some(tcp) = tcp.filter(TcpTrouble::shed) {
+        warn!(
+            memory_pressures = tcp.memory_pressures,
+            rcvq_drops = tcp.rcvq_drops,
+            timeouts = tcp.timeouts,
+            "the kernel ran short of TCP memory during the run and dropped segments: \
+             late deliveries include its retransmission timeouts"
+        );
+    }
     ctx.stop.cancel();
     progress.finish();
 
@@ -711,6 +734,7 @@ async fn measure(
         connect_failed: connect.failed,
         first_connect_error: connect.first_error,
         connect_errors: connect.errors,
+        tcp,
     })
 }
 
@@ -759,7 +783,8 @@ async fn client_session(
     mut go: watch::Receiver<Option<tokio::time::Instant>>,
 ) -> Outcome {
     let wanted = || !ctx.stop.is_cancelled() && go.borrow().is_none();
-    let mut ws = connect_client(i, &ctx.setup, &ctx.connect_slots, &ctx.connect, wanted).await?;
+    let (mut ws, ws_id) =
+        connect_client(i, &ctx.setup, &ctx.connect_slots, &ctx.connect, wanted).await?;
     let alias = format!("{}{i}", ctx.alias_prefix);
     if let Err(e) = ws.send(Message::text(wire::alias_frame(&alias))).await {
         ctx.connect
@@ -785,9 +810,24 @@ async fn client_session(
         }
     };
     close_quietly(ws).await;
-    let missing = tally.missing(ctx.sent.load(Ordering::Relaxed));
+    // What others got and this client did not (a post nobody got is
+    // counted as lost in the report, not here).
+    let mut missing = tally.missing(ctx.sent.load(Ordering::Relaxed));
+    missing.retain(|&g| ctx.book.seen_by_any(g));
     if !missing.is_empty() {
-        tracing::warn!(client = i, missed = missing.len(), first = ?&missing[..missing.len().min(12)], "client missed messages");
+        tracing::warn!(client = i, %ws_id, missed = missing.len(), first = ?&missing[..missing.len().min(12)], "client missed messages");
+    }
+    if let Some((us, sent_nanos)) = around.slowest
+        && us >= SLOW_DELIVERY_US
+    {
+        let fault = ctx.fault_nanos.load(Ordering::Relaxed);
+        tracing::warn!(
+            client = i,
+            %ws_id,
+            slowest_ms = us / 1000,
+            posted_since_fault_ms = (sent_nanos as i64 - fault as i64) / 1_000_000,
+            "a message reached this client late"
+        );
     }
     tally.shrink();
     Some((i, tally, around))
@@ -838,6 +878,9 @@ async fn read_loop<S>(
                 around.first_new_post_nanos.get_or_insert(now);
             }
             let us = now.saturating_sub(m.sent_nanos) / 1000;
+            if around.slowest.is_none_or(|(slowest, _)| us > slowest) {
+                around.slowest = Some((us, m.sent_nanos));
+            }
             ctx.phases[phase][i % SHARDS]
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -971,6 +1014,20 @@ pub fn text(r: &FailoverReport) -> String {
             .map(|e| format!("; first error frame: {e}"))
             .unwrap_or_default()
     );
+    if let Some(tcp) = &r.tcp {
+        out += &format!(
+            "  kernel TCP: {} segments sent again, {} timeouts; short of memory {} times, {} segments dropped for it{}\n",
+            tcp.retransmitted,
+            tcp.timeouts,
+            tcp.memory_pressures,
+            tcp.rcvq_drops,
+            if tcp.shed() {
+                " (late deliveries include the kernel's retransmission timeouts)"
+            } else {
+                ""
+            }
+        );
+    }
     out += "  CPU cores before -> during:";
     for c in &r.cpu {
         out += &format!(" {} {:.2}->{:.2};", c.role, c.before_cores, c.during_cores);

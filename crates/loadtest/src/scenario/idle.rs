@@ -193,7 +193,7 @@ fn emit(event: &ChildEvent) -> anyhow::Result<()> {
 
 async fn client_task(i: usize, ctx: Arc<Ctx>) {
     let wanted = || !ctx.stop.is_cancelled();
-    let Some(mut ws) =
+    let Some((mut ws, _)) =
         connect_client(i, &ctx.setup, &ctx.connect_slots, &ctx.connect, wanted).await
     else {
         return;

@@ -151,7 +151,8 @@ pub async fn run(setup: &Setup, args: &JoinArgs) -> anyhow::Result<JoinReport> {
 /// connected.
 async fn client_task(i: usize, ctx: Arc<Ctx>) -> Option<Vec<(Duration, usize)>> {
     let wanted = || !ctx.stop.is_cancelled();
-    let mut ws = connect_client(i, &ctx.setup, &ctx.connect_slots, &ctx.connect, wanted).await?;
+    let (mut ws, _) =
+        connect_client(i, &ctx.setup, &ctx.connect_slots, &ctx.connect, wanted).await?;
     let alias = format!("{}{i:0width$}", ctx.alias_prefix, width = INDEX_WIDTH);
     if let Err(e) = ws.send(Message::text(wire::alias_frame(&alias))).await {
         ctx.connect

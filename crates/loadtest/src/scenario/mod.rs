@@ -297,13 +297,14 @@ where
 
 /// Connects client `i`, holding one of `slots` for the handshake, unless
 /// `wanted` says no once the slot is held. A failure is counted in `tally`.
+/// Returns the socket and the WebSocket ID the server gave it.
 pub async fn connect_client(
     i: usize,
     setup: &Setup,
     slots: &tokio::sync::Semaphore,
     tally: &ConnectTally,
     wanted: impl Fn() -> bool,
-) -> Option<crate::client::Ws> {
+) -> Option<(crate::client::Ws, String)> {
     connect_client_with_recv_buffer(i, setup, slots, tally, wanted, None).await
 }
 
@@ -316,7 +317,7 @@ pub async fn connect_client_with_recv_buffer(
     tally: &ConnectTally,
     wanted: impl Fn() -> bool,
     recv_buffer: Option<u32>,
-) -> Option<crate::client::Ws> {
+) -> Option<(crate::client::Ws, String)> {
     let permit = slots.acquire().await.ok()?;
     if !wanted() {
         return None;
@@ -330,7 +331,7 @@ pub async fn connect_client_with_recv_buffer(
     .await;
     drop(permit);
     match connected {
-        Ok((ws, _wsid)) => Some(ws),
+        Ok(connected) => Some(connected),
         Err(e) => {
             tally.fail(&e);
             None
