@@ -82,8 +82,7 @@ pub fn run(
         let queue = &socket.queue;
         let ws_id = socket.ws_id;
         let counters = SessionCounters::new();
-        // What the session last waited on, besides its client and queue.
-        let mut waited_on = "nothing";
+        let mut waited_on = Wait::Nothing;
         // One waiter for the whole session: the token is shared by every socket,
         // and a fresh `cancelled()` each turn would lock its waiter list each turn.
         let drained = drain.cancelled_owned();
@@ -98,13 +97,13 @@ pub fn run(
                     // Behind, and all written: fetch what was missed.
                     Ok(Next::Fetch(after)) => {
                         counters.fetch();
-                        waited_on = "a fetch";
+                        waited_on = Wait::Fetch;
                         Box::pin(upstream.fetch(&socket, after)).await
                     }
                     Ok(Next::Frames) => {
                         // A write to a slow client may block; it must not keep the
                         // socket from being killed or drained.
-                        waited_on = "a write";
+                        waited_on = Wait::Write;
                         tokio::select! {
                             written = tokio::time::timeout(stall, writer.text(&batch)) => match written {
                                 Ok(Ok(())) => counters.written(&batch),
@@ -123,7 +122,7 @@ pub fn run(
                     // client meanwhile.
                     let late = alive.excuse(next_check);
                     if late >= LATE_LOOK {
-                        debug!(ws_id, late_ms = late.as_millis() as u64, waited_on, "session was busy, its client unread");
+                        debug!(ws_id, late_ms = late.as_millis() as u64, ?waited_on, "session was busy, its client unread");
                     }
                     let now = Instant::now();
                     next_check = now + check_every;
@@ -167,7 +166,7 @@ pub fn run(
                         // Waits only while this client has too many frames in
                         // flight (its worker is away or slow): it is read no
                         // faster, and nobody else waits.
-                        waited_on = "a line";
+                        waited_on = Wait::Line;
                         tokio::select! {
                             _ = Box::pin(upstream.send_frame(&socket, text.into())) => {}
                             kill = queue.killed() => break Some(kill),
@@ -180,7 +179,7 @@ pub fn run(
                         // any write, must not keep the socket from being killed:
                         // a client that pings and never reads fills its window.
                         limit.take();
-                        waited_on = "a pong";
+                        waited_on = Wait::Pong;
                         tokio::select! {
                             written = tokio::time::timeout(stall, writer.pong(&payload)) => match written {
                                 Ok(Ok(())) => {}
@@ -219,6 +218,21 @@ pub fn run(
         Box::pin(upstream.close(&socket)).await;
         debug!(ws_id, "socket closed");
     }
+}
+
+/// What a session last waited on, besides its client and its queue (one
+/// byte in every session, for the debug line of a late look).
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    Nothing,
+    /// A batch written to the client.
+    Write,
+    /// A client's line waiting for room towards its worker.
+    Line,
+    /// A fetch of missed messages waiting for room towards its worker.
+    Fetch,
+    /// A pong written to the client.
+    Pong,
 }
 
 /// What a session knows of its client's liveness. A client is judged by
