@@ -2,6 +2,7 @@
 //! WebSocket handshake, and the Status frame that opens every session.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -56,15 +57,30 @@ pub async fn connect_with_recv_buffer(
     timeout: Duration,
     recv_buffer: Option<u32>,
 ) -> anyhow::Result<(Ws, String)> {
-    tokio::time::timeout(timeout, connect_inner(target, source, recv_buffer))
+    // Where a connection that took too long was stuck (see `STEPS`).
+    let step = AtomicUsize::new(0);
+    tokio::time::timeout(timeout, connect_inner(target, source, recv_buffer, &step))
         .await
-        .with_context(|| format!("no Status frame within {timeout:?}"))?
+        .with_context(|| {
+            format!(
+                "no Status frame within {timeout:?} (stuck in {})",
+                STEPS[step.load(Ordering::Relaxed)]
+            )
+        })?
 }
+
+/// The steps of a connection, as a timeout names the one it was stuck in.
+const STEPS: [&str; 3] = [
+    "the TCP connect",
+    "the WebSocket handshake",
+    "the wait for Status after the handshake",
+];
 
 async fn connect_inner(
     target: &Target,
     source: Ipv4Addr,
     recv_buffer: Option<u32>,
+    step: &AtomicUsize,
 ) -> anyhow::Result<(Ws, String)> {
     let socket = TcpSocket::new_v4().context("socket")?;
     crate::sys::set_bind_address_no_port(&socket).context("IP_BIND_ADDRESS_NO_PORT")?;
@@ -79,9 +95,11 @@ async fn connect_inner(
         .await
         .with_context(|| format!("connect {} from {source}", target.addr))?;
     tcp.set_nodelay(true).context("TCP_NODELAY")?;
+    step.store(1, Ordering::Relaxed);
     let (mut ws, _response) = client_async_with_config(target.url.as_str(), tcp, Some(ws_config()))
         .await
         .context("websocket handshake")?;
+    step.store(2, Ordering::Relaxed);
     let wsid = read_status(&mut ws).await?;
     Ok((ws, wsid))
 }
