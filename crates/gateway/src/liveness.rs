@@ -588,15 +588,27 @@ mod tests {
         let (mut watched, mut worker) = pair(&watchdog).await;
         fill(&mut watched).await;
         let mut buf = vec![0u8; 128 << 10];
+        let started = Instant::now();
+        let mut last_taken = started;
         for _ in 0..40 {
             tokio::time::sleep(SILENCE / 10).await;
             // Taking a little makes room: the gateway's queue moves on.
             // Once all is taken, nothing waits and nothing is judged.
             match worker.try_read(&mut buf) {
-                Ok(n) => assert!(n > 0, "the gateway closed the connection"),
+                Ok(n) => {
+                    assert!(n > 0, "the gateway closed the connection");
+                    last_taken = Instant::now();
+                }
                 Err(e) => assert_eq!(e.kind(), io::ErrorKind::WouldBlock),
             }
         }
+        // Else the worker took it all within the bound, and this tested
+        // nothing.
+        assert!(
+            last_taken - started > SILENCE * 3 / 2,
+            "the backlog lasted only {:?}",
+            last_taken - started
+        );
         worker.write_all(b"still here").await.unwrap();
         assert!(watched.read(&mut buf).await.unwrap() > 0);
     }

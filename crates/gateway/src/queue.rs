@@ -218,14 +218,21 @@ impl SocketQueue {
             }
             let starts = !d.log.is_empty() && d.log != st.log;
             if starts {
+                if !st.log.is_empty() {
+                    // The socket leaves a log (it was reset): what is still
+                    // queued from it is not owed, and its new Status must
+                    // come first.
+                    st.frames.clear();
+                    st.bytes = 0;
+                    st.version = 0;
+                }
                 // A Status frame: ids start over on this log, from the
                 // socket's place in it (what is older is not owed to it).
                 st.log = d.log.to_owned();
                 st.last_id = 0;
                 st.written_id = d.place;
                 st.behind = false;
-                // A Status for an older log, not yet written, is stale.
-                st.drop_queued(Kind::Start);
+                st.fetching = false;
             }
             let last = d.texts.len().saturating_sub(1);
             let mut result = Push::Queued;
@@ -697,6 +704,24 @@ mod tests {
         batch.clear();
         q.next(&mut batch, 10).await.unwrap();
         assert_eq!(batch, ["list 4"].map(Utf8Bytes::from));
+    }
+
+    /// A socket whose log was reset starts over with the new log's Status:
+    /// what was still queued from the old log does not come before it.
+    #[tokio::test]
+    async fn a_new_log_starts_with_its_status() {
+        let q = SocketQueue::new(Limits {
+            frames: 10,
+            bytes: 1 << 20,
+        });
+        start(&q, &["status 1", "5"], &[0, 5], ("log 1", 4), false);
+        list(&q, "list", 7);
+        start(&q, &["status 2"], &[0], ("log 2", 0), false);
+        chat(&q, &[1], false, false);
+        let mut batch = Vec::new();
+        q.next(&mut batch, 10).await.unwrap();
+        assert_eq!(batch, ["status 2", "1"].map(Utf8Bytes::from));
+        assert_eq!(q.place().version, 0, "the list went with the old log");
     }
 
     /// The Status frame carries the socket's WebSocket ID and nothing sends

@@ -124,6 +124,7 @@ pub fn run(
                     if late >= LATE_LOOK {
                         debug!(ws_id, late_ms = late.as_millis() as u64, ?waited_on, "session was busy, its client unread");
                     }
+                    waited_on = Wait::Nothing;
                     let now = Instant::now();
                     next_check = now + check_every;
                     // Bytes came in since the last whole frame and no frame
@@ -139,15 +140,18 @@ pub fn run(
                     match alive.look(now, &timing) {
                         Look::Fine => {}
                         Look::Unresponsive => break Some(CloseReason::Unresponsive.into()),
-                        Look::Ping => tokio::select! {
-                            written = tokio::time::timeout(stall, writer.ping()) => match written {
-                                Ok(Ok(())) => {}
-                                Ok(Err(_)) => break None,
-                                Err(_) => break Some(CloseReason::TooSlow.into()),
-                            },
-                            kill = queue.killed() => break Some(kill),
-                            _ = &mut drained => break Some(CloseReason::GoingAway.into()),
-                        },
+                        Look::Ping => {
+                            waited_on = Wait::Ping;
+                            tokio::select! {
+                                written = tokio::time::timeout(stall, writer.ping()) => match written {
+                                    Ok(Ok(())) => {}
+                                    Ok(Err(_)) => break None,
+                                    Err(_) => break Some(CloseReason::TooSlow.into()),
+                                },
+                                kill = queue.killed() => break Some(kill),
+                                _ = &mut drained => break Some(CloseReason::GoingAway.into()),
+                            }
+                        }
                     }
                 }
                 _ = tokio::time::sleep_until(throttle.unwrap_or_else(Instant::now)), if throttle.is_some() => {}
@@ -221,7 +225,8 @@ pub fn run(
 }
 
 /// What a session last waited on, besides its client and its queue (one
-/// byte in every session, for the debug line of a late look).
+/// byte in every session, for the debug line of a late look; a late look
+/// with nothing waited on since the last is a busy runtime).
 #[derive(Debug, Clone, Copy)]
 enum Wait {
     Nothing,
@@ -233,6 +238,8 @@ enum Wait {
     Fetch,
     /// A pong written to the client.
     Pong,
+    /// A ping written to the client.
+    Ping,
 }
 
 /// What a session knows of its client's liveness. A client is judged by
