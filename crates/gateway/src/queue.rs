@@ -141,10 +141,10 @@ struct State {
 }
 
 impl State {
-    /// Drops the queued frames of one kind.
-    fn drop_queued(&mut self, kind: Kind) {
+    /// Keeps only the queued frames whose kind `keep` accepts.
+    fn retain(&mut self, keep: impl Fn(Kind) -> bool) {
         let before = self.frames.len();
-        self.frames.retain(|(_, _, k)| *k != kind);
+        self.frames.retain(|(_, _, kind)| keep(*kind));
         if self.frames.len() != before {
             self.bytes = self.frames.iter().map(|(text, ..)| text.len()).sum();
         }
@@ -250,7 +250,7 @@ impl SocketQueue {
                 };
                 if kind == Kind::State {
                     // The newer list makes a queued one worthless.
-                    st.drop_queued(Kind::State);
+                    st.retain(|kind| kind != Kind::State);
                 }
                 let full = st.frames.len() >= self.limits.frames
                     || st.bytes + text.len() > self.limits.bytes;
@@ -265,8 +265,7 @@ impl SocketQueue {
                         continue;
                     }
                     // Only a Status not yet written stays.
-                    st.frames.retain(|(_, _, kind)| *kind == Kind::Start);
-                    st.bytes = st.frames.iter().map(|(text, ..)| text.len()).sum();
+                    st.retain(|kind| kind == Kind::Start);
                     // A queued list may have gone with the rest.
                     st.version = 0;
                     st.last_id = st.written_id;

@@ -120,12 +120,12 @@ pub fn run(
                     // elsewhere (a write, a line waiting for room, a fetch,
                     // a ping, a busy runtime), reading nothing from its
                     // client meanwhile.
-                    let late = alive.excuse(next_check);
+                    let now = Instant::now();
+                    let late = alive.excuse(next_check, now);
                     if late >= LATE_LOOK {
                         debug!(ws_id, late_ms = late.as_millis() as u64, ?waited_on, "session was busy, its client unread");
                     }
                     waited_on = Wait::Nothing;
-                    let now = Instant::now();
                     next_check = now + check_every;
                     // Bytes came in since the last whole frame and no frame
                     // completed: a frame left half-sent holds its buffer.
@@ -278,10 +278,10 @@ impl Alive {
         self.pinged_at = None;
     }
 
-    /// The session read nothing from its client since `since`, for reasons
-    /// of its own: that time is not the client's silence. Returns it.
-    fn excuse(&mut self, since: Instant) -> Duration {
-        let waited = Instant::now().saturating_duration_since(since);
+    /// The session read nothing from its client from `since` to `now`, for
+    /// reasons of its own: that time is not the client's silence. Returns it.
+    fn excuse(&mut self, since: Instant, now: Instant) -> Duration {
+        let waited = now.saturating_duration_since(since);
         self.heard += waited;
         if let Some(at) = &mut self.pinged_at {
             *at += waited;
@@ -341,20 +341,23 @@ mod tests {
         assert_eq!(alive.look(after(50), &TIMING), Look::Fine);
     }
 
+    /// The session waits `secs` on something other than its client.
+    async fn session_waits(alive: &mut Alive, secs: u64) {
+        let since = Instant::now();
+        tokio::time::advance(Duration::from_secs(secs)).await;
+        alive.excuse(since, Instant::now());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn time_the_session_spent_waiting_is_not_the_clients_silence() {
         let mut alive = Alive::new(Instant::now());
         // A line waited 60 s for room: the client was not read meanwhile.
-        let waited = Instant::now();
-        tokio::time::advance(Duration::from_secs(60)).await;
-        alive.excuse(waited);
+        session_waits(&mut alive, 60).await;
         assert_eq!(alive.look(Instant::now(), &TIMING), Look::Fine);
         // Pinged, then a fetch waited 30 s: the answer may be unread.
         tokio::time::advance(Duration::from_secs(25)).await;
         assert_eq!(alive.look(Instant::now(), &TIMING), Look::Ping);
-        let waited = Instant::now();
-        tokio::time::advance(Duration::from_secs(30)).await;
-        alive.excuse(waited);
+        session_waits(&mut alive, 30).await;
         assert_eq!(alive.look(Instant::now(), &TIMING), Look::Fine);
         tokio::time::advance(Duration::from_secs(20)).await;
         assert_eq!(alive.look(Instant::now(), &TIMING), Look::Unresponsive);
